@@ -1,0 +1,2 @@
+"""mergesearch: search for the best merge of fine-tuned LLMs."""
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""One exception hierarchy: every error a user can cause is a MergeSearchError.
+
+Messages name the bad value and say how to fix it. The CLI prints them without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class MergeSearchError(Exception):
+    """Base class of every error mergesearch reports to a user."""
+
+
+class ConfigError(MergeSearchError):
+    """A merge YAML, study file or option is malformed or inconsistent."""
+
+
+class UnknownNameError(ConfigError):
+    """A name (method, parameter, key, dtype, ...) that is not one of the valid ones."""
+
+
+class CheckpointError(MergeSearchError):
+    """A source checkpoint is missing, unreadable, unsafe or incompatible."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that could only be read by unpickling or by running its own code."""
+
+
+class TensorMismatchError(CheckpointError):
+    """Sources disagree on a tensor: missing in one, or of another shape."""
+
+
+class MergeComputationError(MergeSearchError):
+    """A merge produced an invalid result (NaN/inf) or could not be computed."""
+
+
+class OutputError(MergeSearchError):
+    """Writing an output failed; the destination was left untouched."""
+
+
+def suggest(name: str, valid: Iterable[str]) -> str:
+    """' Did you mean X?' for the closest valid name, or a list of the valid names."""
+    valid = sorted(set(valid))
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    if close:
+        return f" Did you mean {close[0]!r}?"
+    return f" Valid: {', '.join(valid)}."
+
+
+def unknown(kind: str, name: str, valid: Iterable[str], where: str = "") -> UnknownNameError:
+    """An UnknownNameError for `name` that suggests the nearest valid one."""
+    place = f" in {where}" if where else ""
+    return UnknownNameError(f"Unknown {kind} {name!r}{place}.{suggest(name, valid)}")

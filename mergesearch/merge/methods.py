@@ -1,0 +1,306 @@
+"""Torch reference implementations of the merge methods, one output tensor at a time.
+
+Inputs arrive as float32 tensors on the compute device (already rounded to the plan's ``dtype``
+when it has one); results are float32, cast to the output dtype by the caller. The arithmetic
+follows mergekit 0.1.5 step by step so results agree to float32 rounding; the fused kernels of the
+workers must match these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from mergesearch.errors import ConfigError, MergeComputationError
+from mergesearch.merge import rng
+from mergesearch.merge.registry import METHODS, task_arithmetic_variant
+
+
+@dataclass
+class TensorInputs:
+    """Everything one merge of one tensor needs.
+
+    ``per_input[i]`` holds the per-model parameters of ``tensors[i]``; ``base`` is the index of
+    the base model's tensor (None when the method has no base).
+    """
+
+    name: str
+    tensors: Sequence[torch.Tensor]
+    shared: dict[str, Any]
+    per_input: Sequence[dict[str, Any]]
+    base: Optional[int] = None
+    seed: int = 0
+    models: Sequence[str] = field(default_factory=tuple)
+
+    def non_base(self) -> list[int]:
+        return [i for i in range(len(self.tensors)) if i != self.base]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsification
+
+
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before = delta.abs().sum()
+    after = masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
+    """Keep the ``density`` fraction of largest-magnitude elements (at least one)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    order = torch.argsort(delta.abs().reshape(-1), descending=True)
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[order[:k]] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, rescale: bool,
+                       gamma: float) -> torch.Tensor:
+    """Drop the ``gamma`` largest fraction, then the smallest, keeping ``density``."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[n_bottom:n_bottom + target]] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def random_keep(delta: torch.Tensor, keep_prob: torch.Tensor | float,
+                key: tuple[int, int]) -> torch.Tensor:
+    """The counter-based keep mask (1.0 kept, 0.0 dropped) for each element of ``delta``."""
+    u = rng.uniform(delta.numel(), key, delta.device).reshape(delta.shape)
+    return (u < keep_prob).to(delta.dtype)
+
+
+def bernoulli(delta: torch.Tensor, density: float, rescale: bool,
+              key: tuple[int, int]) -> torch.Tensor:
+    """DARE: keep each element with probability ``density``."""
+    if density >= 1:
+        return delta
+    return _rescaled(delta, random_keep(delta, density, key), rescale)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-element keep probability rising linearly with the magnitude rank within each row."""
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.zeros_like(ranks)
+    probs = (density - epsilon) + rank_norm.clamp(0, 1) * 2 * epsilon
+    return probs.reshape(delta.shape)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale: bool,
+                   key: tuple[int, int], name: str) -> torch.Tensor:
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ConfigError(
+            f"{name}: della needs density +/- epsilon inside (0, 1); got density={density:g}, "
+            f"epsilon={epsilon:g}. Lower epsilon below min(density, 1 - density)."
+        )
+    mask = random_keep(delta, della_probabilities(delta, density, epsilon), key)
+    return _rescaled(delta, mask, rescale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def linear(x: TensorInputs) -> torch.Tensor:
+    weights = [p["weight"] for p in x.per_input]
+    result = torch.zeros_like(x.tensors[0])
+    for tensor, w in zip(x.tensors, weights):
+        result.add_(tensor, alpha=w)
+    if x.shared["normalize"]:
+        total = sum(weights)
+        if total == 0:
+            raise ConfigError(
+                f"{x.name}: the linear weights {weights} sum to zero, so they cannot be "
+                "normalised; use weights with a non-zero sum or `normalize: false`."
+            )
+        result.div_(total)
+    return result
+
+
+def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+               eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors; near-colinear pairs interpolate linearly."""
+    a = v0.reshape(-1)
+    b = v1.reshape(-1)
+    if a.numel() == 0:
+        return ((1 - t) * a + t * b).reshape(v0.shape)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
+    norm_a = torch.where(norm_a > eps, norm_a, torch.ones_like(norm_a))
+    norm_b = torch.where(norm_b > eps, norm_b, torch.ones_like(norm_b))
+    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        coef_a = torch.sin((1 - t) * theta) / sin_theta
+        coef_b = torch.sin(t * theta) / sin_theta
+    return (coef_a * a + coef_b * b).reshape(v0.shape)
+
+
+def slerp(x: TensorInputs) -> torch.Tensor:
+    other = x.non_base()[0]
+    return slerp_pair(x.shared["t"], x.tensors[x.base], x.tensors[other])
+
+
+def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
+                 flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin_theta = torch.sin(theta)
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def nuslerp(x: TensorInputs) -> torch.Tensor:
+    i0, i1 = x.non_base()
+    w0, w1 = x.per_input[i0]["weight"], x.per_input[i1]["weight"]
+    total = w0 + w1
+    t = 0.5 if abs(total) < 1e-6 else w1 / total
+    row_wise, flatten = x.shared["nuslerp_row_wise"], x.shared["nuslerp_flatten"]
+    if x.base is not None:
+        base = x.tensors[x.base]
+        return base + nuslerp_pair(t, x.tensors[i0] - base, x.tensors[i1] - base,
+                                   row_wise, flatten)
+    return nuslerp_pair(t, x.tensors[i0], x.tensors[i1], row_wise, flatten)
+
+
+def model_stock(x: TensorInputs) -> torch.Tensor:
+    w0 = x.tensors[x.base]
+    ws = [x.tensors[i] for i in x.non_base()]
+    shape = w0.shape
+    if x.shared["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / safe)
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def passthrough(x: TensorInputs) -> torch.Tensor:
+    scale = x.per_input[0].get("scale")
+    tensor = x.tensors[0]
+    return tensor if scale is None else tensor * scale
+
+
+def sparsified_deltas(x: TensorInputs, method: str) -> tuple[torch.Tensor, list[int]]:
+    """Stacked (non-base) task vectors after the method's sparsification."""
+    variant = task_arithmetic_variant(method)
+    base = x.tensors[x.base]
+    others = x.non_base()
+    rescale = x.shared["rescale"]
+    deltas = base.new_empty((len(others), *base.shape))
+    for row, i in enumerate(others):
+        p = x.per_input[i]
+        delta = x.tensors[i] - base
+        key = rng.stream_key(x.seed, row, x.name)
+        if variant.sparsification == "magnitude":
+            delta = magnitude(delta, p["density"], rescale)
+        elif variant.sparsification == "random":
+            delta = bernoulli(delta, p["density"], rescale, key)
+        elif variant.sparsification == "magnitude_outliers":
+            delta = magnitude_outliers(delta, p["density"], rescale, p["gamma"])
+        elif variant.sparsification == "della_magprune":
+            delta = della_magprune(delta, p["density"], p["epsilon"], rescale, key, x.name)
+        deltas[row] = delta
+    return deltas, others
+
+
+def task_arithmetic_family(x: TensorInputs, method: str) -> torch.Tensor:
+    base = x.tensors[x.base]
+    if len(x.tensors) == 1:
+        return base
+    deltas, others = sparsified_deltas(x, method)
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=deltas.dtype,
+                           device=deltas.device)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    deltas.mul_(weights)
+    if task_arithmetic_variant(method).consensus:
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = (sign == majority).to(deltas.dtype)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if x.shared["normalize"]:
+        mixed = mixed / divisor
+    if x.shared["lambda"] != 1:
+        mixed = mixed * x.shared["lambda"]
+    return base + mixed
+
+
+IMPLEMENTATIONS: dict[str, Callable[[TensorInputs], torch.Tensor]] = {
+    "linear": linear,
+    "slerp": slerp,
+    "nuslerp": nuslerp,
+    "model_stock": model_stock,
+    "passthrough": passthrough,
+    **{name: (lambda x, _n=name: task_arithmetic_family(x, _n))
+       for name, spec in METHODS.items() if spec.family == "task_arithmetic"},
+}
+
+
+def merge_tensor(method: str, x: TensorInputs) -> torch.Tensor:
+    """Merge one tensor with the torch reference of `method`; fails on a non-finite result."""
+    result = IMPLEMENTATIONS[method](x)
+    if not bool(torch.isfinite(result).all()):
+        bad = int((~torch.isfinite(result)).sum())
+        raise MergeComputationError(
+            f"Merging {x.name!r} with {method!r} produced {bad} NaN/inf values; check the "
+            "sources for NaN/inf weights and the parameters for extreme values."
+        )
+    return result
