@@ -122,10 +122,7 @@ class MergePlan(_Frozen):
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
-                raise ValueError(
-                    f"{key} {value!r} is not supported.{suggest(value, DTYPES)} "
-                    f"Use one of {', '.join(DTYPES)}"
-                )
+                raise ValueError(f"{key} {value!r} is not supported.{suggest(value, DTYPES)}")
         if self.tokenizer_source == "union":
             raise ValueError(
                 "tokenizer_source 'union' (building a joint vocabulary) is not supported: the "

@@ -43,7 +43,10 @@ def parse_size(value: Union[int, str]) -> int:
     unit = (m.group(2) or "").upper()
     if unit not in _UNITS:
         raise ConfigError(f"Shard size {value!r} has unknown unit {unit!r}; use KB, MB or GB.")
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"Shard size {value!r} is less than one byte; write e.g. 500MB.")
+    return size
 
 
 @dataclass(frozen=True)
@@ -231,14 +234,15 @@ class SafetensorsWriter:
         self._where = {t.name: (s, t) for s in self.shards for t in s.tensors}
         self._fds: dict[str, int] = {}
         self._pending = set(names)
-        try:
-            for shard in self.shards:
+        for shard in self.shards:
+            try:
                 fd = os.open(out.tmp / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                self._fds[shard.file] = fd
-                os.write(fd, len(shard.header).to_bytes(8, "little") + shard.header)
-        except OSError as err:
-            self.close()
-            raise _disk_error(err, out.dest, "a shard header") from None
+            except OSError as err:
+                self.close()
+                raise _disk_error(err, out.dest, shard.file) from None
+            self._fds[shard.file] = fd
+            head = len(shard.header).to_bytes(8, "little") + shard.header
+            self._pwrite(fd, memoryview(head), 0, f"the header of {shard.file}")
 
     def write(self, name: str, tensor) -> None:
         """Write one torch tensor (already in its output dtype) at its place."""
@@ -251,7 +255,10 @@ class SafetensorsWriter:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         buf = memoryview(data.numpy())
         pos = 8 + len(shard.header) + shard.offsets[name]
-        fd = self._fds[shard.file]
+        self._pwrite(self._fds[shard.file], buf, pos, f"tensor {name!r}")
+        self._pending.discard(name)
+
+    def _pwrite(self, fd: int, buf: memoryview, pos: int, what: str) -> None:
         try:
             while buf:
                 written = os.pwrite(fd, buf, pos)
@@ -259,8 +266,7 @@ class SafetensorsWriter:
                 pos += written
         except OSError as err:
             self.close()
-            raise _disk_error(err, self.out.dest, f"tensor {name!r}") from None
-        self._pending.discard(name)
+            raise _disk_error(err, self.out.dest, what) from None
 
     def finish(self) -> None:
         """Check completeness, fsync the shards and write the index."""

@@ -87,6 +87,7 @@ class Merger:
         self.seed = seed
         self.ckpts = open_checkpoints(list(plan.referenced_models()), base_dir)
         self.tasks = MergeTasks(plan, self.spec, self.ckpts)
+        self.tasks.check_params()
         self.in_dtype = torch_dtype(plan.dtype) if plan.dtype else None
         self.peak_live_bytes = 0
 

@@ -115,6 +115,7 @@ def explain(plan: MergePlan, base_dir: Optional[Path] = None) -> Explanation:
     spec = validate_plan(plan)
     ckpts = open_checkpoints(list(plan.referenced_models()), base_dir)
     tasks = MergeTasks(plan, spec, ckpts)
+    tasks.check_params()
     result = Explanation(spec.name)
     names = sorted({t.name for t in tasks.tasks} | {s for t in tasks.tasks for s in t.sources})
     result.warnings = dead_entries(plan, names)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mergesearch.errors import CheckpointError, TensorMismatchError
+from mergesearch.errors import CheckpointError, ConfigError, TensorMismatchError
 from mergesearch.io.checkpoint import LAYER_RE, TIED_HEAD, Checkpoint, layer_index
 from mergesearch.merge.registry import MethodSpec
 from mergesearch.plan import MergePlan, PlanLayout, SliceLayout, layout, resolve
@@ -131,6 +131,13 @@ class MergeTasks:
                     f"{lead.model!r} has no tensors for layer {lead_layer}; is num_hidden_layers "
                     "in its config.json right?"
                 )
+            for src in s.sources[1:]:
+                src_layer = src.layer_range[0] + offset
+                for name in self.ckpts[src.model].tensors:
+                    if layer_index(name) == src_layer:
+                        renamed = _rename_layer(name, lead_layer)
+                        if renamed not in names:
+                            names.append(renamed)
             for name in names:
                 models = [src.model for src in s.sources]
                 sources = [_rename_layer(name, src.layer_range[0] + offset) for src in s.sources]
@@ -156,6 +163,28 @@ class MergeTasks:
                 values[p.name] = resolve(p, scopes(task.slice, model), src, task.t, model)
             per_input.append(values)
         return ResolvedParams(shared, tuple(per_input))
+
+    def check_params(self) -> None:
+        """Resolve every tensor's parameters once, so bad values fail before any work is done."""
+        for task in self.tasks:
+            params = self.params(task)
+            if self.spec.name == "linear" and params.shared["normalize"]:
+                weights = [p["weight"] for p in params.per_input]
+                if sum(weights) == 0:
+                    raise ConfigError(
+                        f"The linear weights {dict(zip(task.models, weights))} sum to zero for "
+                        f"{task.name!r}, so they cannot be normalised; use weights with a "
+                        "non-zero sum or `normalize: false`."
+                    )
+            for model, p in zip(task.models, params.per_input):
+                if "epsilon" in p and p["density"] < 1:
+                    d, e = p["density"], p["epsilon"]
+                    if d + e >= 1 or d - e <= 0:
+                        raise ConfigError(
+                            f"{self.spec.name} needs density +/- epsilon inside (0, 1), but for "
+                            f"{task.name!r} of {model!r} density={d:g} and epsilon={e:g}. Lower "
+                            "epsilon below min(density, 1 - density)."
+                        )
 
     # -- output config -----------------------------------------------------------------------
 
