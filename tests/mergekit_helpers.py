@@ -20,7 +20,8 @@ REL_TOL = 1e-6
 
 def render(template: str, models: Mapping[str, Path]) -> str:
     """Substitute ``$base``, ``$ft0``... with the models' absolute paths."""
-    return string.Template(template).substitute({k: str(Path(v).resolve()) for k, v in models.items()})
+    paths = {k: str(Path(v).resolve()) for k, v in models.items()}
+    return string.Template(template).substitute(paths)
 
 
 def run_ours(yaml_text: str, out_dir: Path, seed: int = 0) -> Path:
@@ -91,8 +92,11 @@ def assert_same_tensors(
     assert not bad, "outputs differ from mergekit:\n" + "\n".join(bad[:20])
 
 
+CONFIG_KEYS = ("num_hidden_layers", "tie_word_embeddings")
+
+
 def assert_same_config(ours_dir: Path, theirs_dir: Path,
-                       keys: tuple[str, ...] = ("num_hidden_layers", "tie_word_embeddings")) -> None:
+                       keys: tuple[str, ...] = CONFIG_KEYS) -> None:
     ours, theirs = load_config(ours_dir), load_config(theirs_dir)
     for key in keys:
         assert ours.get(key) == theirs.get(key), (

@@ -13,7 +13,6 @@ mergekit's own draws.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from mergesearch.merge import methods, rng
 from mergesearch.merge.methods import TensorInputs
 from mergesearch.testing import build_tiny_model, perturb_model
 
+pytest.importorskip("mergekit")
 pytestmark = pytest.mark.integration
 
 FAMILIES = ("qwen3", "llama")
@@ -136,6 +136,14 @@ models:
 parameters:
   t: [0.2, 0.8]
 """,
+    "slerp-base-listed-second": """
+merge_method: slerp
+base_model: $ft0
+parameters: {t: 0.2}
+models:
+  - model: $base
+  - model: $ft0
+""",
     "slerp-t0": """
 merge_method: slerp
 base_model: $base
@@ -212,10 +220,19 @@ models:
   - model: $ft1
     parameters: {weight: 0.6}
 """,
+    "task_arithmetic-negative-weight": """
+merge_method: task_arithmetic
+base_model: $base
+models:
+  - model: $ft0
+    parameters: {weight: -0.5}
+  - model: $ft1
+    parameters: {weight: 1.5}
+""",
     "ties-d05": """
 merge_method: ties
 base_model: $base
-parameters: {density: 0.5, weight: 1.0}
+parameters: {density: 0.5, weight: 1.0, int8_mask: true}
 models:
   - model: $base
   - model: $ft0
@@ -373,7 +390,7 @@ def test_tied_and_untied_heads(families: dict[str, dict[str, Path]], tmp_path: P
 
 
 # ---------------------------------------------------------------------------------------------
-# dtype: bfloat16 on float32 sources: inputs are rounded to bf16 first, as mergekit does.
+# dtype: bfloat16 (or float16) on float32 sources: inputs are rounded first, as mergekit does.
 
 BF16_COMPUTE = {
     "linear": CASES["linear-normalize"],
@@ -381,18 +398,20 @@ BF16_COMPUTE = {
 }
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family,dtype", [("qwen3", "bfloat16"), ("llama", "bfloat16"), ("qwen3", "float16")]
+)
 @pytest.mark.parametrize("case", sorted(BF16_COMPUTE))
-def test_bf16_dtype_rounds_inputs_like_mergekit(
-    families: dict[str, dict[str, Path]], tmp_path: Path, family: str, case: str
+def test_half_dtype_rounds_inputs_like_mergekit(
+    families: dict[str, dict[str, Path]], tmp_path: Path, family: str, case: str, dtype: str
 ) -> None:
-    template = _with_dtypes(BF16_COMPUTE[case], "bfloat16", None)
+    template = _with_dtypes(BF16_COMPUTE[case], dtype, None)
     ours, _ = compare(template, families[family], tmp_path, exact=True)
     merged = load_weights(ours)
-    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    assert {t.dtype for t in merged.values()} == {getattr(torch, dtype)}
     # The result differs from merging the float32 inputs and rounding once at the end, so the
-    # inputs really were rounded to bf16 first.
-    f32 = load_weights(run_ours(render(_with_dtypes(BF16_COMPUTE[case], "float32", "bfloat16"),
+    # inputs really were rounded first.
+    f32 = load_weights(run_ours(render(_with_dtypes(BF16_COMPUTE[case], "float32", dtype),
                                        families[family]), tmp_path / "f32"))
     assert any(not torch.equal(merged[n], f32[n]) for n in merged)
 
@@ -548,6 +567,36 @@ slices:
       - model: $ft0
         layer_range: [0, 2]
         parameters: {weight: 0.6}
+""",
+    "task_arithmetic-slice-level-base": """
+merge_method: task_arithmetic
+base_model: $base
+slices:
+  - sources:
+      - model: $base
+        layer_range: [0, 2]
+      - model: $ft0
+        layer_range: [0, 2]
+        parameters: {weight: 0.5}
+  - sources:
+      - model: $ft1
+        layer_range: [2, 4]
+      - model: $ft0
+        layer_range: [2, 4]
+        parameters: {weight: 0.5}
+    base_model: $ft1
+""",
+    "model_stock-ft1-as-base-slices": """
+merge_method: model_stock
+base_model: $ft1
+slices:
+  - sources:
+      - model: $ft1
+        layer_range: [0, 4]
+      - model: $ft0
+        layer_range: [0, 4]
+      - model: $base
+        layer_range: [0, 4]
 """,
     "task_arithmetic-slice-base": """
 merge_method: task_arithmetic

@@ -110,19 +110,20 @@ class Merger:
             x = ckpt.read(src)
             if self.in_dtype is not None:
                 x = x.to(self.in_dtype)
-            tensors.append(x.to(device=self.device, dtype=torch.float32))
+            tensors.append(x.to(device=self.device))
         return tensors
 
-    def merge(self, task: TensorTask) -> torch.Tensor:
-        """The merged float32 tensor for one task."""
+    def merge(self, task: TensorTask, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The merged tensor for one task, in `dtype`."""
         params = self.tasks.params(task)
         tensors = self._load(task)
         inputs = TensorInputs(
             name=task.name, tensors=tensors, shared=params.shared,
             per_input=params.per_input, base=task.base, seed=self.seed, models=task.models,
         )
-        result = merge_tensor(self.spec.name, inputs)
-        live = sum(t.numel() * t.element_size() for t in tensors) + result.numel() * 4
+        result = merge_tensor(self.spec.name, inputs, dtype)
+        live = sum(t.numel() * t.element_size() for t in tensors)
+        live += result.numel() * result.element_size()
         self.peak_live_bytes = max(self.peak_live_bytes, live)
         return result
 
@@ -213,7 +214,7 @@ def run_merge(
             writer = SafetensorsWriter(out, out_specs, max_shard_size)
             try:
                 for i, task in enumerate(tasks):
-                    result = merger.merge(task).to(torch_dtype(out_dtype))
+                    result = merger.merge(task, torch_dtype(out_dtype))
                     writer.write(task.name, result)
                     del result
                     if progress:

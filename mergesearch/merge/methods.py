@@ -1,15 +1,18 @@
 """Torch reference implementations of the merge methods, one output tensor at a time.
 
-Inputs arrive as float32 tensors on the compute device (already rounded to the plan's ``dtype``
-when it has one); results are float32, cast to the output dtype by the caller. The arithmetic
-follows mergekit 0.1.5 step by step so results agree to float32 rounding; the fused kernels of the
-workers must match these functions.
+Inputs arrive in their storage dtype (or the plan's ``dtype``) on the compute device; all
+arithmetic is float32. Elementwise methods (``linear``, ``slerp``'s interpolation, task arithmetic
+and DARE) run over chunks of ``CHUNK`` elements and write straight into the output tensor, so
+memory is the inputs plus the output plus one chunk of scratch; methods that need a whole-tensor
+order statistic (TIES, breadcrumbs, DELLA, model stock, nuslerp) work on float32 copies. The
+arithmetic follows mergekit 0.1.5 step by step so results agree to float32 rounding; the fused
+kernels of the workers must match these functions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -37,6 +40,23 @@ class TensorInputs:
 
     def non_base(self) -> list[int]:
         return [i for i in range(len(self.tensors)) if i != self.base]
+
+
+CHUNK = 1 << 20
+
+
+def _spans(numel: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, CHUNK):
+        yield start, min(numel, start + CHUNK)
+
+
+def _flat(x: TensorInputs) -> list[torch.Tensor]:
+    return [t.reshape(-1) for t in x.tensors]
+
+
+def _f32(x: TensorInputs) -> TensorInputs:
+    """The same inputs as float32 copies (for whole-tensor methods)."""
+    return replace(x, tensors=[t.to(torch.float32) for t in x.tensors])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,47 +146,62 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
 # Methods
 
 
-def linear(x: TensorInputs) -> torch.Tensor:
+def linear(x: TensorInputs, out: torch.Tensor) -> None:
     weights = [p["weight"] for p in x.per_input]
-    result = torch.zeros_like(x.tensors[0])
-    for tensor, w in zip(x.tensors, weights):
-        result.add_(tensor, alpha=w)
-    if x.shared["normalize"]:
-        total = sum(weights)
-        if total == 0:
-            raise ConfigError(
-                f"{x.name}: the linear weights {weights} sum to zero, so they cannot be "
-                "normalised; use weights with a non-zero sum or `normalize: false`."
-            )
-        result.div_(total)
-    return result
+    w = torch.tensor(weights, dtype=torch.float32, device=out.device)
+    total = w.sum()
+    if x.shared["normalize"] and float(total) == 0:
+        raise ConfigError(
+            f"{x.name}: the linear weights {weights} sum to zero, so they cannot be "
+            "normalised; use weights with a non-zero sum or `normalize: false`."
+        )
+    flat, dest = _flat(x), out.reshape(-1)
+    for start, stop in _spans(dest.numel()):
+        acc = torch.zeros(stop - start, dtype=torch.float32, device=out.device)
+        for tensor, coefficient in zip(flat, w):
+            acc.addcmul_(tensor[start:stop], coefficient)
+        if x.shared["normalize"]:
+            acc.div_(total)
+        dest[start:stop] = acc
 
 
-def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-               eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors; near-colinear pairs interpolate linearly."""
-    a = v0.reshape(-1)
-    b = v1.reshape(-1)
-    if a.numel() == 0:
-        return ((1 - t) * a + t * b).reshape(v0.shape)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLERP's two coefficients for flat tensors a (at t = 0) and b (at t = 1).
+
+    Norms and the dot product are reduced over chunks as mergekit does; near-colinear pairs
+    (|cos| > dot_threshold) fall back to linear interpolation.
+    """
+    norms_a, norms_b = [], []
+    for start, stop in _spans(a.numel()):
+        norms_a.append(torch.linalg.vector_norm(a[start:stop].to(torch.float32)))
+        norms_b.append(torch.linalg.vector_norm(b[start:stop].to(torch.float32)))
+    norm_a = torch.linalg.vector_norm(torch.stack(norms_a))
+    norm_b = torch.linalg.vector_norm(torch.stack(norms_b))
     norm_a = torch.where(norm_a > eps, norm_a, torch.ones_like(norm_a))
     norm_b = torch.where(norm_b > eps, norm_b, torch.ones_like(norm_b))
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    dots = [((a[start:stop].to(torch.float32) / norm_a)
+             * (b[start:stop].to(torch.float32) / norm_b)).sum()
+            for start, stop in _spans(a.numel())]
+    dot = torch.stack(dots).sum().clamp(-1, 1)
+    t32 = torch.tensor(t, dtype=torch.float32, device=a.device)
     if dot.abs() > dot_threshold:
-        coef_a, coef_b = 1 - t, t
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        coef_a = torch.sin((1 - t) * theta) / sin_theta
-        coef_b = torch.sin(t * theta) / sin_theta
-    return (coef_a * a + coef_b * b).reshape(v0.shape)
+        return 1 - t32, t32
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t32) * theta) / sin_theta, torch.sin(t32 * theta) / sin_theta
 
 
-def slerp(x: TensorInputs) -> torch.Tensor:
-    other = x.non_base()[0]
-    return slerp_pair(x.shared["t"], x.tensors[x.base], x.tensors[other])
+def slerp(x: TensorInputs, out: torch.Tensor) -> None:
+    a = x.tensors[x.base].reshape(-1)
+    b = x.tensors[x.non_base()[0]].reshape(-1)
+    dest = out.reshape(-1)
+    if a.numel() == 0:
+        return
+    coef_a, coef_b = slerp_coefficients(x.shared["t"], a, b)
+    for start, stop in _spans(a.numel()):
+        dest[start:stop] = (coef_a * a[start:stop].to(torch.float32)
+                            + coef_b * b[start:stop].to(torch.float32))
 
 
 def nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, row_wise: bool,
@@ -256,16 +291,11 @@ def sparsified_deltas(x: TensorInputs, method: str) -> tuple[torch.Tensor, list[
     return deltas, others
 
 
-def task_arithmetic_family(x: TensorInputs, method: str) -> torch.Tensor:
-    base = x.tensors[x.base]
-    if len(x.tensors) == 1:
-        return base
-    deltas, others = sparsified_deltas(x, method)
-    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=deltas.dtype,
-                           device=deltas.device)
-    weights = weights.reshape(-1, *([1] * base.dim()))
-    deltas.mul_(weights)
-    if task_arithmetic_variant(method).consensus:
+def _combine(deltas: torch.Tensor, weights: torch.Tensor, consensus: bool, shared: dict[str, Any]
+             ) -> torch.Tensor:
+    """Weight the task vectors, apply sign consensus if asked, sum, normalise and scale."""
+    deltas = deltas * weights
+    if consensus:
         sign = deltas.sign()
         majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
         mask = (sign == majority).to(deltas.dtype)
@@ -276,31 +306,107 @@ def task_arithmetic_family(x: TensorInputs, method: str) -> torch.Tensor:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
         divisor[divisor.abs() < 1e-8] = 1
-    if x.shared["normalize"]:
+    if shared["normalize"]:
         mixed = mixed / divisor
-    if x.shared["lambda"] != 1:
-        mixed = mixed * x.shared["lambda"]
-    return base + mixed
+    if shared["lambda"] != 1:
+        mixed = mixed * shared["lambda"]
+    return mixed
 
 
-IMPLEMENTATIONS: dict[str, Callable[[TensorInputs], torch.Tensor]] = {
+def chunked_task_arithmetic(x: TensorInputs, method: str, out: torch.Tensor) -> None:
+    """Task arithmetic and DARE, chunk by chunk (DARE's L1 rescale takes a first pass)."""
+    variant = task_arithmetic_variant(method)
+    flat, dest = _flat(x), out.reshape(-1)
+    base = flat[x.base]
+    others = x.non_base()
+    f32 = torch.float32
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=f32,
+                           device=out.device).reshape(-1, 1)
+    dropping = [variant.sparsification == "random" and x.per_input[i]["density"] < 1
+                for i in others]
+    keys = [rng.stream_key(x.seed, row, x.name) for row in range(len(others))]
+    scales = [1.0] * len(others)
+    if x.shared["rescale"] and any(dropping):
+        before = [torch.zeros((), dtype=f32, device=out.device) for _ in others]
+        after = [torch.zeros((), dtype=f32, device=out.device) for _ in others]
+        for start, stop in _spans(dest.numel()):
+            idx = torch.arange(start, stop, dtype=torch.int64, device=out.device)
+            b = base[start:stop].to(f32)
+            for row, i in enumerate(others):
+                if dropping[row]:
+                    delta = flat[i][start:stop].to(f32) - b
+                    keep = rng.uniform_from_index(idx, keys[row]) < x.per_input[i]["density"]
+                    before[row] += delta.abs().sum()
+                    after[row] += (delta * keep).abs().sum()
+        for row in range(len(others)):
+            if dropping[row] and before[row] >= 1e-7 and after[row] >= 1e-7:
+                scales[row] = before[row] / after[row]
+    for start, stop in _spans(dest.numel()):
+        b = base[start:stop].to(f32)
+        idx = (torch.arange(start, stop, dtype=torch.int64, device=out.device)
+               if any(dropping) else None)
+        deltas = torch.empty((len(others), stop - start), dtype=f32, device=out.device)
+        for row, i in enumerate(others):
+            delta = flat[i][start:stop].to(f32) - b
+            if dropping[row]:
+                keep = rng.uniform_from_index(idx, keys[row]) < x.per_input[i]["density"]
+                delta = delta * keep
+                if x.shared["rescale"]:
+                    delta = delta * scales[row]
+            deltas[row] = delta
+        dest[start:stop] = b + _combine(deltas, weights, variant.consensus, x.shared)
+
+
+def task_arithmetic_family(x: TensorInputs, method: str) -> torch.Tensor:
+    base = x.tensors[x.base]
+    if len(x.tensors) == 1:
+        return base
+    deltas, others = sparsified_deltas(x, method)
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=deltas.dtype,
+                           device=deltas.device)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    return base + _combine(deltas, weights, task_arithmetic_variant(method).consensus, x.shared)
+
+
+def _whole(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs, torch.Tensor], None]:
+    def run(x: TensorInputs, out: torch.Tensor) -> None:
+        out.copy_(fn(_f32(x)))
+    return run
+
+
+def _gta(name: str) -> Callable[[TensorInputs, torch.Tensor], None]:
+    if task_arithmetic_variant(name).sparsification in (None, "random"):
+        return lambda x, out: chunked_task_arithmetic(x, name, out)
+    return _whole(lambda x: task_arithmetic_family(x, name))
+
+
+IMPLEMENTATIONS: dict[str, Callable[[TensorInputs, torch.Tensor], None]] = {
     "linear": linear,
     "slerp": slerp,
-    "nuslerp": nuslerp,
-    "model_stock": model_stock,
-    "passthrough": passthrough,
-    **{name: (lambda x, _n=name: task_arithmetic_family(x, _n))
-       for name, spec in METHODS.items() if spec.family == "task_arithmetic"},
+    "nuslerp": _whole(nuslerp),
+    "model_stock": _whole(model_stock),
+    "passthrough": _whole(passthrough),
+    **{name: _gta(name) for name, spec in METHODS.items() if spec.family == "task_arithmetic"},
 }
 
 
-def merge_tensor(method: str, x: TensorInputs) -> torch.Tensor:
-    """Merge one tensor with the torch reference of `method`; fails on a non-finite result."""
-    result = IMPLEMENTATIONS[method](x)
-    if not bool(torch.isfinite(result).all()):
-        bad = int((~torch.isfinite(result)).sum())
+def merge_into(method: str, x: TensorInputs, out: torch.Tensor) -> None:
+    """Merge one tensor with the torch reference of `method` into `out` (any float dtype).
+
+    Raises MergeComputationError if the result (after the cast) holds NaN or inf.
+    """
+    IMPLEMENTATIONS[method](x, out)
+    if not bool(torch.isfinite(out).all()):
+        bad = int((~torch.isfinite(out)).sum())
         raise MergeComputationError(
             f"Merging {x.name!r} with {method!r} produced {bad} NaN/inf values; check the "
             "sources for NaN/inf weights and the parameters for extreme values."
         )
-    return result
+
+
+def merge_tensor(method: str, x: TensorInputs, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Merge one tensor into a new tensor of `dtype`."""
+    ref = x.tensors[0]
+    out = torch.empty(ref.shape, dtype=dtype, device=ref.device)
+    merge_into(method, x, out)
+    return out
