@@ -3,7 +3,7 @@
 Each deterministic case runs the same YAML (absolute model paths) through
 ``mergesearch.merge.executor.run_merge`` and through mergekit's Python API in-process, then
 compares every output tensor: same names, shapes and dtypes; float32 values within 1e-6 relative
-to ``max(1, max|mergekit|)``; bfloat16 outputs bit-identical.
+to ``max(1, max|mergekit|)``; bfloat16 and float16 outputs bit-identical.
 
 Random methods (DARE, DELLA) draw different masks by design (mergesearch uses a seeded
 counter-based hash, mergekit ``torch.bernoulli``), so they are checked (a) exactly, by feeding
