@@ -30,10 +30,13 @@ def _gta_inputs(method, tensors, density=0.6, **shared):
                         base=0, seed=3)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear", "dare_ties", "ties",
+                                    "breadcrumbs_ties", "della"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_task_arithmetic_equals_whole_tensor(method, dtype):
     x = _gta_inputs(method, _inputs(4, dtype), normalize=True, **{"lambda": 0.8})
+    for p in x.per_input[1:]:
+        p.update(gamma=0.01, epsilon=0.1)
     chunked = merge_tensor(method, x)
     whole = methods.task_arithmetic_family(methods._f32(x), method)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
@@ -108,3 +111,10 @@ def test_known_draws_are_stable_across_versions():
     assert draws.tolist() == pytest.approx(
         [0.5560269355773926, 0.756268322467804, 0.07244706153869629, 0.2915474772453308],
         abs=0)
+
+
+def test_magnitude_keeps_exactly_k_with_ties_in_index_order():
+    delta = torch.tensor([0.5, -0.2, 0.2, 0.9, 0.2, 0.0, -0.2, 0.1])
+    kept = methods.magnitude(delta, 0.5, rescale=False)
+    assert kept.tolist() == pytest.approx([0.5, -0.2, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0])
+    assert int((methods.magnitude(delta, 0.01, False) != 0).sum()) == 1

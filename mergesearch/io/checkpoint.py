@@ -7,6 +7,7 @@ size); tensors are read one at a time through safetensors' mmap when asked for.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<index>\d+)(?P<suffix>\..+)$")
 MAX_HEADER = 100 * 1024 * 1024
 TIED_HEAD = "lm_head.weight"
@@ -28,11 +32,14 @@ TIED_HEAD = "lm_head.weight"
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """Where one tensor's bytes are: ``offsets`` relative to the data section at ``data_start``."""
+
     name: str
     file: Path
     dtype: str
     shape: tuple[int, ...]
     offsets: tuple[int, int]
+    data_start: int = 0
 
     @property
     def numel(self) -> int:
@@ -81,7 +88,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{path}: the header entry of {name!r} is malformed.") from None
         if dtype not in ITEMSIZE:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}.")
-        info = TensorInfo(name, path, dtype, shape, (start, end))
+        info = TensorInfo(name, path, dtype, shape, (start, end), 8 + length)
         if not (0 <= start <= end <= data_size) or info.nbytes != info.numel * ITEMSIZE[dtype]:
             raise CheckpointError(
                 f"{path} is corrupted or truncated: tensor {name!r} ({dtype}, {list(shape)}) "
@@ -210,25 +217,46 @@ class Checkpoint:
         return None
 
     def read(self, name: str):
-        """Load one tensor (torch) through safetensors' mmap."""
+        """Load one tensor (torch) into its own memory with positioned reads.
+
+        Unlike an mmap of the whole file, pages of tensors already dropped do not stay in this
+        process's resident memory, so memory is bounded by the tensors alive at once.
+        """
+        import torch
+
         info = self.info(name)
         if info is None:
             raise CheckpointError(f"{self.path} has no tensor {name!r}.")
-        handle = self._handles.get(info.file)
-        if handle is None:
-            from safetensors import safe_open
-
+        fd = self._handles.get(info.file)
+        if fd is None:
             try:
-                handle = safe_open(str(info.file), framework="pt", device="cpu")
-            except Exception as err:  # safetensors raises its own error types
+                fd = os.open(info.file, os.O_RDONLY)
+            except OSError as err:
                 raise CheckpointError(f"Cannot open {info.file}: {err}") from None
-            self._handles[info.file] = handle
+            self._handles[info.file] = fd
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        pos = info.data_start + info.offsets[0]
         try:
-            return handle.get_tensor(info.name)
-        except Exception as err:
-            raise CheckpointError(f"Cannot read {info.name!r} from {info.file}: {err}") from None
+            while view:
+                got = os.preadv(fd, [view], pos)
+                if got == 0:
+                    raise OSError("unexpected end of file")
+                view = view[got:]
+                pos += got
+        except OSError as err:
+            raise CheckpointError(
+                f"Cannot read {info.name!r} from {info.file}: {err}. The file may have been "
+                "truncated or changed while reading."
+            ) from None
+        return buf.view(getattr(torch, TORCH_NAMES[info.dtype])).reshape(info.shape)
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._handles.clear()
 
     @property

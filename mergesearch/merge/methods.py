@@ -75,16 +75,24 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.T
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool) -> torch.Tensor:
-    """Keep the ``density`` fraction of largest-magnitude elements (at least one)."""
+    """Keep the ``density`` fraction of largest-magnitude elements (at least one).
+
+    The k-th largest magnitude is found by selection, not a full sort; elements tied with it are
+    kept in index order until exactly k are kept (zeros need no tie-break: they add nothing).
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    order = torch.argsort(delta.abs().reshape(-1), descending=True)
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[order[:k]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    n = delta.numel()
+    k = max(1, int(density * n))
+    w = delta.abs().reshape(-1)
+    threshold = torch.kthvalue(w.cpu() if w.device.type == "mps" else w, n - k + 1).values
+    keep = w > threshold
+    missing = k - int(keep.sum())
+    if missing > 0 and float(threshold) > 0:
+        keep[(w == threshold).nonzero().reshape(-1)[:missing]] = True
+    return _rescaled(delta, keep.reshape(delta.shape).to(delta.dtype), rescale)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, rescale: bool,
@@ -268,16 +276,16 @@ def passthrough(x: TensorInputs) -> torch.Tensor:
     return tensor if scale is None else tensor * scale
 
 
-def sparsified_deltas(x: TensorInputs, method: str) -> tuple[torch.Tensor, list[int]]:
-    """Stacked (non-base) task vectors after the method's sparsification."""
+def sparsified_deltas(x: TensorInputs, method: str, base: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[int]]:
+    """Stacked float32 (non-base) task vectors after the method's sparsification."""
     variant = task_arithmetic_variant(method)
-    base = x.tensors[x.base]
     others = x.non_base()
     rescale = x.shared["rescale"]
     deltas = base.new_empty((len(others), *base.shape))
     for row, i in enumerate(others):
         p = x.per_input[i]
-        delta = x.tensors[i] - base
+        delta = x.tensors[i].to(torch.float32) - base
         key = rng.stream_key(x.seed, row, x.name)
         if variant.sparsification == "magnitude":
             delta = magnitude(delta, p["density"], rescale)
@@ -358,14 +366,32 @@ def chunked_task_arithmetic(x: TensorInputs, method: str, out: torch.Tensor) -> 
 
 
 def task_arithmetic_family(x: TensorInputs, method: str) -> torch.Tensor:
-    base = x.tensors[x.base]
+    """Plain whole-tensor reference of every task-arithmetic method (float32 in, float32 out)."""
+    base = x.tensors[x.base].to(torch.float32)
     if len(x.tensors) == 1:
         return base
-    deltas, others = sparsified_deltas(x, method)
+    deltas, others = sparsified_deltas(x, method, base)
     weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=deltas.dtype,
                            device=deltas.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
     return base + _combine(deltas, weights, task_arithmetic_variant(method).consensus, x.shared)
+
+
+def sparse_task_arithmetic(x: TensorInputs, method: str, out: torch.Tensor) -> None:
+    """TIES, breadcrumbs and DELLA: whole-tensor sparsification, then a chunked combination."""
+    base = x.tensors[x.base].to(torch.float32).reshape(-1)
+    dest = out.reshape(-1)
+    if len(x.tensors) == 1:
+        dest.copy_(base)
+        return
+    deltas, others = sparsified_deltas(x, method, base.reshape(x.tensors[x.base].shape))
+    deltas = deltas.reshape(len(others), -1)
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=torch.float32,
+                           device=out.device).reshape(-1, 1)
+    consensus = task_arithmetic_variant(method).consensus
+    for start, stop in _spans(dest.numel()):
+        dest[start:stop] = base[start:stop] + _combine(deltas[:, start:stop], weights, consensus,
+                                                       x.shared)
 
 
 def _whole(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs, torch.Tensor], None]:
@@ -377,7 +403,7 @@ def _whole(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs
 def _gta(name: str) -> Callable[[TensorInputs, torch.Tensor], None]:
     if task_arithmetic_variant(name).sparsification in (None, "random"):
         return lambda x, out: chunked_task_arithmetic(x, name, out)
-    return _whole(lambda x: task_arithmetic_family(x, name))
+    return lambda x, out: sparse_task_arithmetic(x, name, out)
 
 
 IMPLEMENTATIONS: dict[str, Callable[[TensorInputs, torch.Tensor], None]] = {
