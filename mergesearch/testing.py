@@ -95,7 +95,7 @@ for i, item in enumerate(sorted(data.items())):
     else:
         continue
 result = [x * x for x in range(10) if x % 2 == 0]
-assert result == [0, 4, 16, 36, 64], result
+print(result == [0, 4, 16, 36, 64], result)
 """
 
 
