@@ -17,9 +17,14 @@ from typing import Any, Optional
 
 import torch
 
-from mergesearch.errors import ConfigError, MergeComputationError
+from mergesearch.errors import MergeComputationError
 from mergesearch.merge import rng
-from mergesearch.merge.registry import METHODS, task_arithmetic_variant
+from mergesearch.merge.registry import (
+    METHODS,
+    check_della,
+    check_linear_weights,
+    task_arithmetic_variant,
+)
 
 
 @dataclass
@@ -141,11 +146,7 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ConfigError(
-            f"{name}: della needs density +/- epsilon inside (0, 1); got density={density:g}, "
-            f"epsilon={epsilon:g}. Lower epsilon below min(density, 1 - density)."
-        )
+    check_della("della", density, epsilon, repr(name))
     mask = random_keep(delta, della_probabilities(delta, density, epsilon), key)
     return _rescaled(delta, mask, rescale)
 
@@ -158,11 +159,8 @@ def linear(x: TensorInputs, out: torch.Tensor) -> None:
     weights = [p["weight"] for p in x.per_input]
     w = torch.tensor(weights, dtype=torch.float32, device=out.device)
     total = w.sum()
-    if x.shared["normalize"] and float(total) == 0:
-        raise ConfigError(
-            f"{x.name}: the linear weights {weights} sum to zero, so they cannot be "
-            "normalised; use weights with a non-zero sum or `normalize: false`."
-        )
+    if x.shared["normalize"]:
+        check_linear_weights(weights, repr(x.name))
     flat, dest = _flat(x), out.reshape(-1)
     for start, stop in _spans(dest.numel()):
         acc = torch.zeros(stop - start, dtype=torch.float32, device=out.device)

@@ -8,7 +8,7 @@ space draws from. This module imports no torch: plans are validated without it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -232,6 +232,25 @@ METHODS: dict[str, MethodSpec] = {
         summary="copy one model's tensors (stack layers with slices)"),
     **{name: _gta(name) for name in _GTA_FAMILY},
 }
+
+
+def check_linear_weights(weights: Sequence[float], where: str) -> None:
+    """Normalised linear weights must not sum to zero."""
+    if sum(weights) == 0:
+        raise ConfigError(
+            f"The linear weights {list(weights)} sum to zero for {where}, so they cannot be "
+            "normalised; use weights with a non-zero sum or `normalize: false`."
+        )
+
+
+def check_della(method: str, density: float, epsilon: float, where: str) -> None:
+    """DELLA's keep probabilities density +/- epsilon must lie inside (0, 1)."""
+    if density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ConfigError(
+            f"{method} needs density +/- epsilon inside (0, 1), but for {where} "
+            f"density={density:g} and epsilon={epsilon:g}. Lower epsilon below "
+            "min(density, 1 - density)."
+        )
 
 
 def get_method(name: str) -> MethodSpec:

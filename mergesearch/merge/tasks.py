@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from mergesearch.errors import CheckpointError, ConfigError, TensorMismatchError
+from mergesearch.errors import CheckpointError, TensorMismatchError
 from mergesearch.io.checkpoint import LAYER_RE, TIED_HEAD, Checkpoint, layer_index
-from mergesearch.merge.registry import MethodSpec
+from mergesearch.merge.registry import MethodSpec, check_della, check_linear_weights
 from mergesearch.plan import MergePlan, PlanLayout, SliceLayout, layout, resolve
 
 
@@ -169,22 +169,12 @@ class MergeTasks:
         for task in self.tasks:
             params = self.params(task)
             if self.spec.name == "linear" and params.shared["normalize"]:
-                weights = [p["weight"] for p in params.per_input]
-                if sum(weights) == 0:
-                    raise ConfigError(
-                        f"The linear weights {dict(zip(task.models, weights))} sum to zero for "
-                        f"{task.name!r}, so they cannot be normalised; use weights with a "
-                        "non-zero sum or `normalize: false`."
-                    )
+                check_linear_weights([p["weight"] for p in params.per_input],
+                                     f"{task.name!r} ({', '.join(task.models)})")
             for model, p in zip(task.models, params.per_input):
-                if "epsilon" in p and p["density"] < 1:
-                    d, e = p["density"], p["epsilon"]
-                    if d + e >= 1 or d - e <= 0:
-                        raise ConfigError(
-                            f"{self.spec.name} needs density +/- epsilon inside (0, 1), but for "
-                            f"{task.name!r} of {model!r} density={d:g} and epsilon={e:g}. Lower "
-                            "epsilon below min(density, 1 - density)."
-                        )
+                if "epsilon" in p:
+                    check_della(self.spec.name, p["density"], p["epsilon"],
+                                f"{task.name!r} of {model!r}")
 
     # -- output config -----------------------------------------------------------------------
 
