@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class MergeSearchError(Exception):
@@ -54,3 +55,20 @@ def unknown(kind: str, name: str, valid: Iterable[str], where: str = "") -> Unkn
     """An UnknownNameError for `name` that suggests the nearest valid one."""
     place = f" in {where}" if where else ""
     return UnknownNameError(f"Unknown {kind} {name!r}{place}.{suggest(name, valid)}")
+
+
+def format_validation(err: Any) -> str:
+    """A pydantic ValidationError as 'where: what' lines (the first five), without pydantic noise."""
+    lines = []
+    for e in err.errors()[:5]:
+        loc = []
+        for part in e["loc"]:
+            if isinstance(part, int):
+                loc.append(f"[{part}]")
+            elif part[:1].isupper() or "[" in part or part.startswith(("tuple", "function")):
+                continue
+            else:
+                loc.append(("." if loc else "") + part)
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{''.join(loc) or 'config'}: {msg}")
+    return "; ".join(dict.fromkeys(lines))

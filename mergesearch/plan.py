@@ -28,7 +28,7 @@ from typing import Any, Optional, Protocol, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from mergesearch.errors import ConfigError, suggest
+from mergesearch.errors import ConfigError, format_validation, suggest
 
 Scalar = Union[bool, int, float, str]
 Gradient = tuple[Scalar, ...]
@@ -252,29 +252,13 @@ def _precheck(raw: Any) -> None:
                     )
 
 
-def _format_validation(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors()[:5]:
-        loc = []
-        for part in e["loc"]:
-            if isinstance(part, int):
-                loc.append(f"[{part}]")
-            elif part[:1].isupper() or "[" in part or part.startswith(("tuple", "function")):
-                continue
-            else:
-                loc.append(("." if loc else "") + part)
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{''.join(loc) or 'config'}: {msg}")
-    return "; ".join(dict.fromkeys(lines))
-
-
 def parse_plan(raw: Any, source: str = "config") -> MergePlan:
     """Validate a parsed YAML/JSON document as a merge plan."""
     _precheck(raw)
     try:
         return MergePlan.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"Invalid merge config {source}: {_format_validation(err)}") from None
+        raise ConfigError(f"Invalid merge config {source}: {format_validation(err)}") from None
 
 
 def loads_plan(text: str, source: str = "<string>") -> MergePlan:

@@ -1,0 +1,1 @@
+"""Eval engines, tasks and scorers."""
