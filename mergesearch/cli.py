@@ -112,6 +112,74 @@ def example_models(
     console.print(f"[green]Built[/green] {', '.join(str(p) for p in paths.values())}")
 
 
+@app.command()
+def zoo(
+    out_dir: Path = typer.Argument(Path("zoo"), help="Where to build the demo models."),
+    evals: Optional[Path] = typer.Option(None, help="Folder of the demo task files (default: evals/ of the checkout)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the cached zoo is up to date."),
+    config: Optional[Path] = typer.Option(None, help="YAML file overriding zoo settings (steps, sizes, skills)."),
+) -> None:
+    """Build (or reuse) the demo zoo: a base and one expert per skill, verified to trade off."""
+    from mergesearch.zoo.build import build_zoo, load_zoo_config, render_table
+
+    settings = load_zoo_config(config)
+    result = build_zoo(out_dir, settings, evals_dir=evals, force=force, log=console.print)
+    if not result.rebuilt:
+        console.print(render_table(result.table, result.merges, list(settings.skills), "held_out"),
+                      markup=False)
+    console.print(f"zoo ready in {result.root} ({result.seconds:.0f}s)")
+
+
+@app.command("eval")
+def eval_cmd(
+    tasks: list[str] = typer.Argument(..., help="Task files, or task names found in --tasks-dir."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model folder (safetensors + config.json)."),
+    split: str = typer.Option("proxy", help="proxy, held_out or both."),
+    tasks_dir: Path = typer.Option(Path("evals"), help="Where task names are looked up."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Score only the first N examples."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    show: int = typer.Option(0, min=0, help="Print the first N responses and details per task."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-example scores to this file."),
+) -> None:
+    """Score a model on proxy eval tasks (the scores a search would see)."""
+    import json
+
+    from rich.table import Table
+
+    from mergesearch.errors import ConfigError
+    from mergesearch.eval.hf import TransformersEngine
+    from mergesearch.eval.runner import evaluate
+    from mergesearch.eval.tasks import SPLITS, load_tasks
+
+    splits = list(SPLITS) if split == "both" else [split]
+    if any(s not in SPLITS for s in splits):
+        raise ConfigError(f"--split {split!r} is not one of proxy, held_out, both.")
+    loaded = load_tasks(tasks, [tasks_dir])
+    engine = TransformersEngine(model, dtype=dtype, device=device)
+    table = Table("task", *splits, "examples", "seconds", title=str(model))
+    dump = {}
+    for task in loaded:
+        row, count, secs = [], 0, 0.0
+        for s in splits:
+            if s not in task.splits:
+                row.append("-")
+                continue
+            result = evaluate(engine, task, s, limit=limit)
+            row.append(f"{result.mean:.3f}")
+            count, secs = count + len(result.scores), secs + result.seconds
+            dump[f"{task.name}/{s}"] = {"mean": result.mean, "scores": result.scores,
+                                        "details": result.details, "responses": result.responses}
+            for i in range(min(show, len(result.scores))):
+                console.print(f"[dim]{task.name}/{s}[{i}][/dim] score={result.scores[i]:.2f} "
+                              f"response={result.responses[i]!r} {result.details[i]}", markup=True,
+                              highlight=False)
+        table.add_row(task.name, *row, str(count), f"{secs:.1f}")
+    console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(dump, indent=1) + "\n", encoding="utf-8")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
     try:
