@@ -72,3 +72,15 @@ def format_validation(err: Any) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{''.join(loc) or 'config'}: {msg}")
     return "; ".join(dict.fromkeys(lines))
+
+
+def read_text_file(path: Any, what: str) -> str:
+    """The UTF-8 text of a user's file; a ConfigError naming ``what`` and the path otherwise."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what[:1].upper()}{what[1:]} {str(path)!r} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Cannot read {what} {str(path)!r}: {err}") from None

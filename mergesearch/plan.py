@@ -28,7 +28,7 @@ from typing import Any, Optional, Protocol, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from mergesearch.errors import ConfigError, format_validation, suggest
+from mergesearch.errors import ConfigError, format_validation, read_text_file, suggest
 
 Scalar = Union[bool, int, float, str]
 Gradient = tuple[Scalar, ...]
@@ -272,14 +272,7 @@ def loads_plan(text: str, source: str = "<string>") -> MergePlan:
 
 def load_plan(path: Union[str, Path]) -> MergePlan:
     """Read a mergekit YAML file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"Merge config {str(path)!r} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"Cannot read merge config {str(path)!r}: {err}") from None
-    return loads_plan(text, str(path))
+    return loads_plan(read_text_file(path, "merge config"), str(path))
 
 
 class _Dumper(yaml.SafeDumper):

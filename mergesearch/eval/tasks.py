@@ -29,7 +29,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergesearch.errors import ConfigError, format_validation, suggest
+from mergesearch.errors import ConfigError, format_validation, read_text_file, suggest
 
 __all__ = [
     "SPLITS",
@@ -184,12 +184,7 @@ class Task:
 
 def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for every line; names the file and line of any bad one."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"Data file {str(path)!r} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"Cannot read data file {str(path)!r}: {err}") from None
+    text = read_text_file(path, "data file")
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -313,12 +308,7 @@ def parse_task(raw: Any, source: str = "task", base_dir: Path | None = None) -> 
 def load_task(path: str | Path) -> Task:
     """Load and validate one task file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"Task file {str(path)!r} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"Cannot read task file {str(path)!r}: {err}") from None
+    text = read_text_file(path, "task file")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
