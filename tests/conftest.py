@@ -46,3 +46,15 @@ def llama_family(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
         dtype="float32",
         tokenizer_dir=tokenizer_dir,
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: tiny models gain nothing from threads, and on a busy
+    shared CPU extra threads cost a lot."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,13 +17,7 @@ from mergesearch.eval.hf import TransformersEngine
 from mergesearch.testing import build_tiny_model, perturb_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from threads, and on a busy shared CPU threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS = [
     "What is 1 + 2?\n",

@@ -19,13 +19,7 @@ from mergesearch.eval.scorers import SCORERS, ExampleScore, extract_code
 from mergesearch.eval.tasks import Task, parse_task
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny models gain nothing from threads, and on a busy shared CPU threads cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_task(tmp: Path, rows: list[dict[str, Any]], scorer: str, settings: dict | None = None, **spec: Any) -> Task:

@@ -17,6 +17,7 @@ from mergesearch.zoo.build import (
     _verify,
     build_zoo,
     default_evals_dir,
+    merge_file_name,
     render_table,
 )
 from mergesearch.zoo.skills import SKILLS, write_eval_data
@@ -49,9 +50,7 @@ def test_generators_are_deterministic():
 
 
 def test_training_stream_never_contains_an_eval_prompt():
-    from transformers import AutoTokenizer
 
-    from mergesearch.testing import build_tokenizer
 
     tasks = {t.name: t for t in load_tasks([*SOURCE_TASKS, TEXT_TASK], [EVALS])}
     banned = {ex.query for t in tasks.values() for split in t.splits.values() for ex in split}
@@ -136,8 +135,7 @@ def test_tiny_zoo_layout(tiny_zoo):
     assert set(manifest["table"]) == set(result.sources)
     assert set(manifest["merges"]) >= {"uniform linear"}
     for name in manifest["merges"]:
-        merge_yaml = root / "merges" / (name.replace(" ", "-").replace("/", "-").replace(".", "") + ".yaml")
-        assert merge_yaml.is_file()
+        assert (root / "merges" / merge_file_name(name)).is_file()
 
 
 def test_tiny_zoo_loads_in_the_engine(tiny_zoo):

@@ -215,7 +215,7 @@ def _train(
 
 
 def _save(model: Any, tok_dir: Path, out: Path, max_shard_size: Optional[str]) -> None:
-    from mergesearch.testing import _TOKENIZER_FILES
+    from mergesearch.testing import _copy_tokenizer
 
     tmp = out.with_name(f".{out.name}.partial")
     if tmp.exists():
@@ -223,35 +223,38 @@ def _save(model: Any, tok_dir: Path, out: Path, max_shard_size: Optional[str]) -
     tmp.mkdir(parents=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-    for name in _TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copyfile(tok_dir / name, tmp / name)
+    _copy_tokenizer(tok_dir, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
-def _merge_plans(root: Path, experts: Sequence[str]) -> dict[str, str]:
-    models = "\n".join(f"  - model: experts/{e}\n    parameters: {{weight: 1.0}}" for e in experts)
-    ta = lambda w, extra="": "\n".join(  # noqa: E731
-        f"  - model: experts/{e}\n    parameters: {{weight: {w}{extra}}}" for e in experts
-    )
+def _merge_plans(experts: Sequence[str]) -> dict[str, str]:
+    """The verification merges as mergekit YAML, with paths relative to ``merges/``."""
+
+    def models(weight: float, extra: str = "") -> str:
+        return "\n".join(
+            f"  - model: ../experts/{e}\n    parameters: {{weight: {weight}{extra}}}" for e in experts
+        )
+
+    def task_arithmetic(weight: float) -> str:
+        return f"merge_method: task_arithmetic\nbase_model: ../base\nmodels:\n{models(weight)}\ndtype: float32\n"
+
     return {
-        "uniform linear": f"merge_method: linear\nmodels:\n{models}\ndtype: float32\n",
-        "task arithmetic 0.3": (
-            f"merge_method: task_arithmetic\nbase_model: base\nmodels:\n{ta(0.3)}\ndtype: float32\n"
-        ),
-        "task arithmetic 0.5": (
-            f"merge_method: task_arithmetic\nbase_model: base\nmodels:\n{ta(0.5)}\ndtype: float32\n"
-        ),
-        "task arithmetic 0.8": (
-            f"merge_method: task_arithmetic\nbase_model: base\nmodels:\n{ta(0.8)}\ndtype: float32\n"
-        ),
+        "uniform linear": f"merge_method: linear\nmodels:\n{models(1.0)}\ndtype: float32\n",
+        "task arithmetic 0.3": task_arithmetic(0.3),
+        "task arithmetic 0.5": task_arithmetic(0.5),
+        "task arithmetic 0.8": task_arithmetic(0.8),
         "ties 0.5/0.5": (
-            f"merge_method: ties\nbase_model: base\nmodels:\n{ta(0.5, ', density: 0.5')}\n"
+            f"merge_method: ties\nbase_model: ../base\nmodels:\n{models(0.5, ', density: 0.5')}\n"
             "dtype: float32\n"
         ),
     }
+
+
+def merge_file_name(name: str) -> str:
+    """File name under ``merges/`` of a verification merge (``task arithmetic 0.3`` -> ``task-arithmetic-03.yaml``)."""
+    return name.replace(" ", "-").replace("/", "-").replace(".", "") + ".yaml"
 
 
 def _score_all(engine: Any, tasks: Mapping[str, Any], split: str, limit: Optional[int]) -> dict[str, float]:
@@ -391,14 +394,13 @@ def build_zoo(
     merges = {}
     merges_dir = root / "merges"
     merges_dir.mkdir(exist_ok=True)
-    for name, yaml_text in _merge_plans(root, config.skills).items():
-        fname = name.replace(" ", "-").replace("/", "-").replace(".", "")
-        (merges_dir / f"{fname}.yaml").write_text(
+    for name, yaml_text in _merge_plans(config.skills).items():
+        fname = merge_file_name(name)
+        (merges_dir / fname).write_text(
             f"# A merge of the demo zoo, scored when the zoo was built.\n"
-            f"# Run: mergesearch merge {root.name}/merges/{fname}.yaml out/{fname}\n"
-            + yaml_text.replace("model: base", "model: ../base").replace("model: experts/", "model: ../experts/")
-            .replace("base_model: base", "base_model: ../base"), encoding="utf-8")
-        engine.load_weights(_merged_tensors(yaml_text, root))
+            f"# Run: mergesearch merge {root.name}/merges/{fname} out/{fname.removesuffix('.yaml')}\n"
+            + yaml_text, encoding="utf-8")
+        engine.load_weights(_merged_tensors(yaml_text, merges_dir))
         merges[name] = _score_all(engine, eval_tasks, "held_out", config.verify_limit)
     engine.close()
 
@@ -429,11 +431,11 @@ def _read_all(path: Path) -> Iterator[tuple[str, Any]]:
         ckpt.close()
 
 
-def _merged_tensors(yaml_text: str, root: Path) -> Iterator[tuple[str, Any]]:
+def _merged_tensors(yaml_text: str, base_dir: Path) -> Iterator[tuple[str, Any]]:
     from mergesearch.merge.executor import Merger
     from mergesearch.plan import loads_plan
 
-    merger = Merger(loads_plan(yaml_text), base_dir=root)
+    merger = Merger(loads_plan(yaml_text), base_dir=base_dir)
     try:
         for task in merger.tasks.tasks:
             yield task.name, merger.merge(task)
