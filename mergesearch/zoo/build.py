@@ -51,8 +51,8 @@ class ZooConfig(BaseModel):
     vocab_size: int = 320
     skills: tuple[str, ...] = SOURCE_TASKS
     base_mix: dict[str, float] = Field(
-        default_factory=lambda: {"addition": 1.5, "reverse": 1.5, "format": 0.5, "code": 0.25, "order": 1.0,
-                                 "text": 0.8}
+        default_factory=lambda: {"addition": 1.0, "reverse": 0.7, "format": 0.4, "code": 0.2, "order": 1.0,
+                                 "text": 0.15}
     )
     base_steps: int = 1200
     expert_steps: int = 300
@@ -240,8 +240,15 @@ def _merge_plans(experts: Sequence[str]) -> dict[str, str]:
     def task_arithmetic(weight: float) -> str:
         return f"merge_method: task_arithmetic\nbase_model: ../base\nmodels:\n{models(weight)}\ndtype: float32\n"
 
+    def upweighted(skill: str) -> str:
+        listed = "\n".join(
+            f"  - model: ../experts/{e}\n    parameters: {{weight: {2.0 if e == skill else 1.0}}}" for e in experts
+        )
+        return f"merge_method: linear\nmodels:\n{listed}\ndtype: float32\n"
+
     return {
         "uniform linear": f"merge_method: linear\nmodels:\n{models(1.0)}\ndtype: float32\n",
+        **{f"linear, {e} x2": upweighted(e) for e in experts},
         "task arithmetic 0.3": task_arithmetic(0.3),
         "task arithmetic 0.5": task_arithmetic(0.5),
         "task arithmetic 0.8": task_arithmetic(0.8),
@@ -254,7 +261,7 @@ def _merge_plans(experts: Sequence[str]) -> dict[str, str]:
 
 def merge_file_name(name: str) -> str:
     """File name under ``merges/`` of a verification merge (``task arithmetic 0.3`` -> ``task-arithmetic-03.yaml``)."""
-    return name.replace(" ", "-").replace("/", "-").replace(".", "") + ".yaml"
+    return name.replace(",", "").replace(" ", "-").replace("/", "-").replace(".", "") + ".yaml"
 
 
 def _score_all(engine: Any, tasks: Mapping[str, Any], split: str, limit: Optional[int]) -> dict[str, float]:
