@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Find the best way to merge fine-tuned LLMs that share an architecture.",
 )
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
 
 
@@ -178,6 +178,100 @@ def eval_cmd(
     console.print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(dump, indent=1) + "\n", encoding="utf-8")
+
+
+def _quiet_libraries() -> None:
+    """Keep Optuna's and transformers' own chatter out of the study display."""
+    import logging
+    import warnings
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
+    from mergesearch.driver.config import load_study
+    from mergesearch.driver.driver import prepare, run_study
+    from mergesearch.driver.report import Progress, leaderboard, render_leaderboard
+
+    _quiet_libraries()
+    sf = load_study(study_path)
+    prep = prepare(sf)
+    c = sf.config
+    console.print(f"study [bold]{c.name}[/bold]: {c.method} over {len(prep.ctx.models)} models, space "
+                  f"{c.space}, sampler {c.sampler.name}, pruner {c.pruner.name}, tasks "
+                  f"{', '.join(prep.task_names)}; storage {prep.storage_url}", highlight=False)
+    total = n_trials if n_trials is not None else c.budget.trials
+    with Progress(console, total, c.budget.wall_time, prep.task_names, live=False if quiet else None) as progress:
+        outcome = run_study(sf, n_trials=n_trials, log=progress.log, update=progress.update, prepared=prep)
+    render_leaderboard(leaderboard(outcome.study, top=max(c.top_k, 5), baselines=outcome.baselines), console)
+    if outcome.best_dir is not None:
+        console.print(f"[green]best merge[/green] (trial {outcome.best_trial}) written to {outcome.best_dir}; "
+                      f"its mergekit YAML and the top {c.top_k} are in {outcome.output_dir / 'best'}",
+                      highlight=False)
+    if outcome.interrupted:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to resume the study.")
+
+
+@app.command()
+def run(
+    study: Path = typer.Argument(..., help="Study file (YAML); see studies/ and docs/studies.md."),
+    n_trials: Optional[int] = typer.Option(None, "--n-trials", help="Total search trials (overrides budget.trials)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display; one line per finished trial."),
+) -> None:
+    """Run a merge search (or resume it: finished trials are kept, --n-trials is the total)."""
+    _run_study(study, n_trials, quiet)
+
+
+@app.command()
+def status(
+    study: Optional[Path] = typer.Argument(None, help="Study file whose stored results to show."),
+    storage: Optional[str] = typer.Option(None, help="Storage URL instead of a study file."),
+    name: Optional[str] = typer.Option(None, "--study", help="Study name in --storage."),
+    top: int = typer.Option(10, min=1, help="Rows of the leaderboard."),
+    json_out: bool = typer.Option(False, "--json", help="Print the leaderboard as JSON."),
+) -> None:
+    """Leaderboard of a study: proxy, held-out, gap, per-task scores, baselines."""
+    from mergesearch.driver.report import status_command
+    from mergesearch.errors import ConfigError
+
+    _quiet_libraries()
+
+    if study is not None:
+        from mergesearch.driver.config import load_study
+        from mergesearch.driver.storage import default_storage_url
+
+        sf = load_study(study)
+        storage = sf.config.storage or default_storage_url(sf.output_dir)
+        name = sf.config.name
+    elif storage is None:
+        raise ConfigError("Give a study file (mergesearch status STUDY.yaml) or --storage URL [--study NAME].")
+    status_command(storage, name, top, json_out, console)
+
+
+@app.command()
+def demo(
+    trials: Optional[int] = typer.Option(None, "--n-trials", help="Search trials (default: the demo study's budget)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
+) -> None:
+    """Build the demo zoo if missing, then run the demo study (studies/demo.yaml) end to end."""
+    from mergesearch.zoo.build import build_zoo, default_evals_dir, load_zoo_config
+
+    root = default_evals_dir().parent
+    result = build_zoo(root / "zoo", load_zoo_config(None), log=console.print)
+    console.print(f"zoo ready in {result.root}" + (" (built now)" if result.rebuilt else " (cached)"))
+    _run_study(root / "studies" / "demo.yaml", trials, quiet)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

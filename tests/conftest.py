@@ -58,3 +58,50 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server (Debian's package, installed with apt-get if missing)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], capture_output=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+        bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server is not installed and `apt-get install postgresql` failed "
+                    "(needs root and the Debian package mirror)")
+    if os.geteuid() == 0:
+        runas = ["runuser", "-u", "postgres", "--"]
+        data = Path(tempfile.mkdtemp(prefix="mergesearch-pg-"))
+        shutil.chown(data, "postgres", "postgres")
+    else:
+        runas = []
+        data = Path(tempfile.mkdtemp(prefix="mergesearch-pg-"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*runas, str(bindir / "initdb"), "-D", str(data / "db"), "-A", "trust", "-U", "postgres",
+                    "--no-sync"], check=True, capture_output=True)
+    subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l", str(data / "log"), "-o",
+                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        subprocess.run([*runas, str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        "-c", "CREATE DATABASE mergesearch"], check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/mergesearch"
+    finally:
+        subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

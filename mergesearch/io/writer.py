@@ -128,6 +128,22 @@ def _disk_error(err: OSError, dest: Path, what: str) -> OutputError:
     return OutputError(f"Writing {what} for {dest} failed: {err}. Nothing was written to {dest}.")
 
 
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write a text file that appears complete or not at all (temp file, fsync, rename)."""
+    path = Path(path).absolute()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(err, path, "a text file") from None
+
+
 class AtomicDir:
     """A folder that appears at `dest` complete, or not at all."""
 
