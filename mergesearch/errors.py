@@ -42,6 +42,10 @@ class OutputError(MergeSearchError):
     """Writing an output failed; the destination was left untouched."""
 
 
+class StorageError(MergeSearchError):
+    """A study storage URL that cannot be opened, or a database that cannot be used."""
+
+
 def suggest(name: str, valid: Iterable[str]) -> str:
     """' Did you mean X?' for the closest valid name, or a list of the valid names."""
     valid = sorted(set(valid))
