@@ -267,12 +267,35 @@ def test_shipped_studies_are_valid(tmp_path, zoo_dir):
     (tmp_path / "zoo").symlink_to(zoo_dir)
     files = sorted((ROOT / "studies").glob("*.yaml"))
     assert files
+    from mergesearch.plan import load_plan
+
+    (tmp_path / "studies").mkdir()
     for src in files:
+        (tmp_path / "studies" / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    for src in files:
+        if "merge_method" in yaml.safe_load(src.read_text(encoding="utf-8")):
+            load_plan(tmp_path / "studies" / src.name)
+            continue
         head = src.read_text(encoding="utf-8").splitlines()[0]
         assert head.startswith("# "), f"{src.name} needs a header comment"
         assert "mergesearch" in src.read_text(encoding="utf-8").split("\nname:")[0], src.name
         dst = tmp_path / "studies" / src.name
-        dst.parent.mkdir(exist_ok=True)
-        dst.write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
         prep = prepare(load_study(dst))
         assert prep.task_names, src.name
+
+
+def test_cli_run_and_status(tmp_path, zoo_dir, capsys):
+    from mergesearch.cli import main
+
+    path = write_study(tmp_path / "s", zoo_dir, budget={"trials": 2}, top_k=1)
+    assert main(["run", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "uniform merge" in out and "best merge" in out
+    assert main(["status", str(path), "--json"]) == 0
+    import json
+
+    board = json.loads(capsys.readouterr().out)
+    assert board
+    assert main(["status", "--storage", f"sqlite:///{path.parent / 'out' / 'study.db'}", "--study", "nope"]) == 2
+    assert "Unknown study 'nope'" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2

@@ -520,7 +520,7 @@ def _open(url: str) -> Any:
         open_storage = None
     try:
         if open_storage is not None:
-            return open_storage(url)
+            return open_storage(url, read_only=True)
         return optuna.storages.RDBStorage(url)
     except MergeSearchError:
         raise
