@@ -11,10 +11,10 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesearch.errors import ConfigError, format_validation, read_text_file, suggest
 
@@ -43,6 +43,9 @@ def parse_duration(value: Union[str, int, float]) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError(f"the wall time must be positive, got {value!r}")
     return seconds
+
+
+Duration = Annotated[Optional[float], BeforeValidator(lambda v: None if v is None else parse_duration(v))]
 
 
 class _Frozen(BaseModel):
@@ -112,12 +115,7 @@ class BudgetConfig(_Frozen):
     """``trials``: search trials in total (baselines not counted); ``wall_time``: e.g. ``30m``."""
 
     trials: int = Field(gt=0)
-    wall_time: Optional[float] = None
-
-    @field_validator("wall_time", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Optional[float]:
-        return None if value is None else parse_duration(value)
+    wall_time: Duration = None
 
 
 class ExecutorConfig(_Frozen):
@@ -126,12 +124,7 @@ class ExecutorConfig(_Frozen):
     kind: Literal["local", "ray"] = "local"
     workers: int = Field(1, ge=1)
     address: Optional[str] = None
-    trial_timeout: Optional[float] = None
-
-    @field_validator("trial_timeout", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Optional[float]:
-        return None if value is None else parse_duration(value)
+    trial_timeout: Duration = None
 
 
 class EngineConfig(_Frozen):

@@ -307,18 +307,13 @@ def _parse_identity(identity: str) -> tuple[str, int, str | None, str | None] | 
 
 
 def _pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (from /proc when it can be read, else by signal 0)."""
+    from mergesearch.io.writer import _pid_alive as signal_alive
+
     fields = _proc_stat(pid)
     if fields is not None:
         return fields[0] not in ("Z", "X")
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
+    return signal_alive(pid)
 
 
 # Trials this process's Heartbeats hold: (storage key, trial id).
