@@ -88,3 +88,14 @@ def read_text_file(path: Any, what: str) -> str:
         raise ConfigError(f"{what[:1].upper()}{what[1:]} {str(path)!r} does not exist.") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"Cannot read {what} {str(path)!r}: {err}") from None
+
+
+def read_yaml_file(path: Any, what: str) -> tuple[Any, str]:
+    """A user's YAML file, safe-loaded, and its text; a ConfigError naming ``what`` otherwise."""
+    import yaml
+
+    text = read_text_file(path, what)
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what[:1].upper()}{what[1:]} {path} is not valid YAML: {err}") from None

@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mergesearch.errors import ConfigError, format_validation, read_text_file, suggest
+from mergesearch.errors import ConfigError, format_validation, read_yaml_file, suggest
 
 __all__ = [
     "SAMPLERS", "PRUNERS", "StudyConfig", "StudyFile", "load_study", "parse_duration",
@@ -256,9 +255,5 @@ def parse_study(raw: Any, source: str = "study file", path: Optional[Path] = Non
 def load_study(path: Union[str, Path]) -> StudyFile:
     """Read and validate a study file (see docs/studies.md)."""
     path = Path(path)
-    text = read_text_file(path, "study file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    raw, _ = read_yaml_file(path, "study file")
     return parse_study(raw, str(path), path)

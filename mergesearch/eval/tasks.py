@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mergesearch.errors import ConfigError, format_validation, read_text_file, suggest
+from mergesearch.errors import ConfigError, format_validation, read_text_file, read_yaml_file, suggest
 
 __all__ = [
     "SPLITS",
@@ -308,11 +307,7 @@ def parse_task(raw: Any, source: str = "task", base_dir: Path | None = None) -> 
 def load_task(path: str | Path) -> Task:
     """Load and validate one task file."""
     path = Path(path)
-    text = read_text_file(path, "task file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    raw, _ = read_yaml_file(path, "task file")
     task = parse_task(raw, str(path), path.parent)
     return dataclasses.replace(task, path=path)
 

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from mergesearch.errors import (
     ConfigError,
     UnknownNameError,
     format_validation,
-    read_text_file,
+    read_yaml_file,
     suggest,
 )
 from mergesearch.spaces.base import (
@@ -108,11 +107,7 @@ def space_from_dict(raw: Any, name: str = "", source: str = "search space",
 
 
 def _load_file(path: Path) -> SearchSpace:
-    text = read_text_file(path, "search space file")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"Search space {path} is not valid YAML: {err}") from None
+    raw, text = read_yaml_file(path, "search space file")
     return space_from_dict(raw, path.stem, f"Search space {path}", path=path,
                            description=_description(text))
 
@@ -163,8 +158,8 @@ def list_spaces(search_dirs: Sequence[Path] = ()) -> list[SearchSpace]:
     spaces = []
     for path in _files(_dirs(search_dirs)).values():
         try:
-            raw = yaml.safe_load(read_text_file(path, "search space file"))
-        except (yaml.YAMLError, ConfigError):
+            raw, _ = read_yaml_file(path, "search space file")
+        except ConfigError:
             continue
         if isinstance(raw, dict) and raw.get("kind") in KINDS:
             spaces.append(_load_file(path))
