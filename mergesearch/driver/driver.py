@@ -439,8 +439,9 @@ class Driver:
             self.reporter.log(f"trial {r.trial.number} queued again (its worker failed)")
 
     def _requeue(self, r: _Running) -> None:
-        attrs = {k: v for k, v in r.trial.user_attrs.items() if k in ("kind", "label", "plan")}
-        r.study.enqueue_trial(r.trial.params, user_attrs={**attrs, "retry_of": r.trial.number})
+        from mergesearch.driver.storage import requeue
+
+        requeue(r.study, r.study.get_trials(deepcopy=False)[r.trial.number])
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -489,8 +490,7 @@ def _dump(plan: Any) -> str:
 
 
 def _short(path: str) -> str:
-    p = Path(path)
-    return p.name if p.parent.name not in ("experts", "models") or not p.name else p.name
+    return Path(path).name
 
 
 def _version() -> str:

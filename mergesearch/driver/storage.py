@@ -30,6 +30,7 @@ __all__ = [
     "HEARTBEAT_INTERVAL",
     "MAX_RETRIES",
     "Heartbeat",
+    "requeue",
     "StorageError",
     "StudyBusyError",
     "StudyMismatchError",
@@ -519,9 +520,14 @@ def _requeue(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial])
     return True
 
 
+def requeue(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue a failed trial's parameters once more (once per trial, at most MAX_RETRIES in a chain)."""
+    return _requeue(study, trial, study.get_trials(deepcopy=False))
+
+
 def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's heartbeat-stale callback (when Optuna's own ``fail_stale_trials`` fails a trial)."""
-    _requeue(study, trial, study.get_trials(deepcopy=False))
+    requeue(study, trial)
 
 
 def _fail(storage: Any, trial: FrozenTrial, last: bool) -> bool:
