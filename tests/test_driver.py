@@ -80,7 +80,8 @@ def test_study_runs_end_to_end_and_stores_the_evidence(tmp_path, zoo_dir):
         assert a["scored"] == {"perplexity": 6, "order": 6}
         assert all(len(v) == 6 and all(0.0 <= x <= 1.0 for x in v) for v in a["examples"].values())
         assert t.values[0] == pytest.approx(scalar_value(a["scores"], {"perplexity": 1.0, "order": 1.0}))
-        assert set(a["timings"]) == {"materialise_s", "eval_s", "overhead_s", "total_s"}
+        assert set(a["timings"]) == {"materialise_s", "eval_s", "overhead_s", "total_s", "scratch_mib"}
+        assert 0 <= a["timings"]["scratch_mib"] < 64, "merge scratch must stay near one tensor, not a model copy"
         assert a["worker"] and isinstance(a["seed"], int) and a["driver"]
         plan = yaml.safe_load(a["plan"])
         assert plan["merge_method"] == "linear" and len(plan["models"]) == 2

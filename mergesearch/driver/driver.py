@@ -266,6 +266,7 @@ class Driver:
         self.stop_requested = False
         self.interrupts = 0
         self.consecutive_failures = 0
+        self.scratch_logged = False
         self.last_error = ""
         self.offsets: dict[str, int] = {}
         self.proxy_totals: dict[str, int] = {}
@@ -422,6 +423,11 @@ class Driver:
         label = t.user_attrs.get("label") or f"trial {t.number}"
         self.reporter.log(f"{label}: {scalar_value(res.scores, self.prep.weights):.4f} "
                           f"({res.timings['total_s']:.1f}s on {res.worker})")
+        if not self.scratch_logged and "scratch_mib" in res.timings:
+            self.scratch_logged = True
+            self.reporter.log(f"merge scratch memory on {res.worker}: {res.timings['scratch_mib']:.1f} MiB above "
+                              f"the resident sources and engine; merge {res.timings['materialise_s']:.2f}s, "
+                              f"eval {res.timings['eval_s']:.2f}s")
 
     def _fail(self, study: optuna.Study, trial: optuna.Trial, error: str) -> None:
         trial.set_user_attr("error", error[:2000])

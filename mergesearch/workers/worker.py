@@ -72,22 +72,132 @@ class JobResult:
         return {k: len(v) for k, v in self.examples.items()}
 
 
-class ResidentSources:
-    """Every tensor of every source, read once into memory (checkpoint headers kept for layout)."""
+GIB = 1024**3
 
-    def __init__(self, paths: tuple[str, ...], device: str = "cpu"):
+
+def host_available_bytes() -> Optional[int]:
+    """MemAvailable of this machine (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory above the starting point while the block runs: CUDA allocator peak on a GPU,
+    the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) on
+    CPU. Per process: with several workers in one process the figure covers all of them."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.bytes: Optional[int] = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(key)
+
+    def __enter__(self) -> "PeakMemory":
+        self._start = None
+        try:
+            if self.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self._start = torch.cuda.memory_allocated(self.device)
+            else:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._start = self._status("VmRSS")
+        except (OSError, ValueError, RuntimeError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._start is None:
+            return
+        try:
+            if self.device.startswith("cuda"):
+                import torch
+
+                peak = torch.cuda.max_memory_allocated(self.device)
+            else:
+                peak = self._status("VmHWM")
+        except (OSError, ValueError, RuntimeError):
+            return
+        self.bytes = max(0, peak - self._start)
+
+
+def process_memory_bytes(device: str) -> Optional[int]:
+    """Memory this process holds now on ``device``: allocated CUDA memory or resident set size."""
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.memory_allocated(device))
+        return PeakMemory._status("VmRSS")
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+class ResidentSources:
+    """Every tensor of every source, read once into memory (checkpoint headers kept for layout).
+
+    Placement: on a CUDA ``device`` the sources go to GPU memory when they fit next to the engine
+    (``reserve`` bytes), else to pinned host memory (each tensor is copied to the GPU when merged);
+    on CPU they stay in host memory. Sources that fit nowhere raise ``ConfigError`` saying how much
+    memory is needed and what to change.
+    """
+
+    def __init__(self, paths: tuple[str, ...], device: str = "cpu", reserve: int = 0):
         from mergesearch.io.checkpoint import open_checkpoints
 
         self.ckpts = open_checkpoints(list(paths))
         self.tensors: dict[str, dict[str, Any]] = {}
+        need = sum(info.nbytes for ckpt in self.ckpts.values() for info in ckpt.tensors.values())
+        self.placement = self._place(need, device, reserve)
+        target = device if self.placement == "gpu" else "cpu"
         self.nbytes = 0
         for ref, ckpt in self.ckpts.items():
             loaded = {}
             for name in ckpt.tensors:
-                t = ckpt.read(name).to(device=device, copy=True)
+                t = ckpt.read(name)
+                if self.placement == "gpu":
+                    t = t.to(device=target)
+                elif self.placement == "pinned":
+                    t = t.pin_memory()
                 loaded[name] = t
                 self.nbytes += t.numel() * t.element_size()
             self.tensors[ref] = loaded
+
+    def _place(self, need: int, device: str, reserve: int) -> str:
+        host = host_available_bytes()
+        fix = ("use fewer or smaller sources, store them in bfloat16, set engine.dtype: bfloat16, or "
+               "run on a machine with more memory")
+        if device.startswith("cuda"):
+            import torch
+
+            free, _total = torch.cuda.mem_get_info(device)
+            if need + reserve <= free:
+                return "gpu"
+            if host is None or need <= host:
+                return "pinned"
+            raise ConfigError(
+                f"The sources need {need / GIB:.2f} GiB: {free / GIB:.2f} GiB are free on {device} "
+                f"(after {reserve / GIB:.2f} GiB for the engine) and {host / GIB:.2f} GiB in host "
+                f"memory; {fix}."
+            )
+        if host is not None and need + reserve > host:
+            raise ConfigError(
+                f"The sources and the engine need {(need + reserve) / GIB:.2f} GiB of memory but "
+                f"{host / GIB:.2f} GiB are available on this machine; {fix}, or use fewer workers per "
+                "machine."
+            )
+        return "cpu"
 
     def close(self) -> None:
         for ckpt in self.ckpts.values():
@@ -166,6 +276,21 @@ def build_engine(setup: WorkerSetup) -> Any:
     raise ConfigError(f"Unknown engine backend {setup.backend!r}; use transformers or vllm.")
 
 
+def engine_bytes_estimate(setup: WorkerSetup) -> int:
+    """Bytes of the engine's weights in ``setup.dtype``, from the engine checkpoint's header."""
+    import torch
+
+    from mergesearch.io.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(setup.engine_dir)
+    try:
+        numel = sum(info.numel for info in ckpt.tensors.values())
+    finally:
+        ckpt.close()
+    itemsize = getattr(torch, setup.dtype, torch.float32).itemsize
+    return numel * itemsize
+
+
 class Worker:
     """Sources + engine, set up once; scores one job at a time."""
 
@@ -176,17 +301,30 @@ class Worker:
         start = time.perf_counter()
         self.setup = setup
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.memory_before = process_memory_bytes(setup.device)
         self.tasks = load_tasks([Path(t) for t in setup.tasks])
-        self.sources = sources if sources is not None else ResidentSources(setup.sources, setup.device)
+        self.shared_sources = sources is not None
+        self.sources = sources if sources is not None else ResidentSources(
+            setup.sources, setup.device, reserve=engine_bytes_estimate(setup))
         self.engine = build_engine(setup)
         self.materialise = Materializer(self.sources, self.engine)
         self.engine_bytes = sum(t.numel() * t.element_size() for t in self.materialise.params.values())
+        self.memory_after = process_memory_bytes(setup.device)
+        self.scratch_bytes: Optional[int] = None
         self.setup_seconds = time.perf_counter() - start
 
     def memory_summary(self) -> str:
-        gib = 1024**3
-        return (f"{self.name}: sources {self.sources.nbytes / gib:.3f} GiB resident, engine "
-                f"{self.engine_bytes / gib:.3f} GiB, set up in {self.setup_seconds:.1f}s")
+        """One line: where the sources live, engine size, measured process memory, set-up time."""
+        where = {"gpu": self.setup.device, "pinned": "pinned host memory", "cpu": "host memory"}
+        shared = " (shared)" if self.shared_sources else ""
+        line = (f"{self.name}: sources {self.sources.nbytes / GIB:.3f} GiB in "
+                f"{where.get(self.sources.placement, self.sources.placement)}{shared}, engine "
+                f"{self.engine_bytes / GIB:.3f} GiB")
+        if self.memory_before is not None and self.memory_after is not None:
+            kind = "GPU memory allocated" if self.setup.device.startswith("cuda") else "process RSS"
+            line += (f"; {kind} {self.memory_after / GIB:.3f} GiB "
+                     f"(+{(self.memory_after - self.memory_before) / GIB:.3f} GiB for this worker)")
+        return line + f"; set up in {self.setup_seconds:.1f}s"
 
     def run(self, job: Job, report: Optional[Callable[[Progress], bool]] = None) -> JobResult:
         """Materialise and score; ``report`` returning True stops the eval early (pruned)."""
@@ -196,8 +334,10 @@ class Worker:
         start = time.perf_counter()
         plan = loads_plan(job.plan, f"plan of {job.key}")
         t0 = time.perf_counter()
-        self.materialise(plan, job.seed)
+        with PeakMemory(self.setup.device) as peak:
+            self.materialise(plan, job.seed)
         t1 = time.perf_counter()
+        self.scratch_bytes = peak.bytes
 
         def on_round(r: Any) -> bool:
             if not job.report or report is None:
@@ -219,7 +359,7 @@ class Worker:
             totals={r.task: r.total for r in results},
             complete=all(r.complete for r in results),
             timings={"materialise_s": t1 - t0, "eval_s": eval_s, "overhead_s": total - eval_s - (t1 - t0),
-                     "total_s": total},
+                     "total_s": total, **({"scratch_mib": peak.bytes / 2**20} if peak.bytes is not None else {})},
             worker=self.name,
         )
 
