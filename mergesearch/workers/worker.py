@@ -206,18 +206,54 @@ class ResidentSources:
 
 
 class Materializer:
-    """Writes a merge plan's output into an engine's live parameters, one tensor at a time."""
+    """Writes a merge plan's output into an engine's live parameters, one tensor at a time.
 
-    def __init__(self, sources: ResidentSources, engine: Any):
+    ``kernel`` picks how each tensor is merged: ``"auto"`` uses the fused Triton kernel
+    (``mergesearch.merge.kernels``) for parameters on a CUDA device, and on CPU the
+    Inductor-compiled fused loop (``kernels.cpu``) for large tensors of the methods it covers,
+    else the torch reference; ``"triton"`` tries the kernel on any device (CPU needs
+    ``TRITON_INTERPRET=1``);
+    ``"torch"`` always uses the reference. When the kernel does not apply (an uncovered method,
+    no triton, ...) the reference merges the tensor and a warning is logged once per method.
+    """
+
+    def __init__(self, sources: ResidentSources, engine: Any,
+                 kernel: Literal["auto", "triton", "torch"] = "auto"):
+        if kernel not in ("auto", "triton", "torch"):
+            raise ConfigError(f"Unknown merge kernel choice {kernel!r}; use auto, triton or torch.")
         self.sources = sources
         self.engine = engine
         self.params = engine.state_dict()
         self.tied = bool(getattr(engine, "_tied", False))
+        self.kernel = kernel
+        self.warned: set[str] = set()
+
+    def _merge(self, method: str, inputs: Any, target: Any) -> None:
+        """One tensor: the fused kernel where it applies, else the torch reference."""
+        import logging
+
+        from mergesearch.merge.methods import merge_into
+
+        if self.kernel == "auto" and not target.is_cuda:
+            from mergesearch.merge.kernels import cpu
+
+            if cpu.merge_into(method, inputs, target):
+                return
+        elif self.kernel == "triton" or (self.kernel == "auto" and target.is_cuda):
+            from mergesearch.merge import kernels
+
+            if kernels.fused_merge_into(method, inputs, target):
+                return
+            if method not in self.warned:
+                self.warned.add(method)
+                reason = kernels.unsupported_reason(method, inputs, target) or "not applicable"
+                logging.getLogger(__name__).warning("%s; using the torch reference", reason)
+        merge_into(method, inputs, target)
 
     def __call__(self, plan: Any, seed: int = 0) -> int:
         import torch
 
-        from mergesearch.merge.methods import TensorInputs, merge_into
+        from mergesearch.merge.methods import TensorInputs
         from mergesearch.merge.registry import validate_plan
         from mergesearch.merge.tasks import MergeTasks
 
@@ -244,11 +280,12 @@ class Materializer:
                 params = tasks.params(task)
                 inputs = TensorInputs(
                     name=task.name,
-                    tensors=[self.sources.tensors[m][s] for m, s in zip(task.models, task.sources)],
+                    tensors=[self.sources.tensors[m][s].to(target.device, non_blocking=True)
+                             for m, s in zip(task.models, task.sources)],
                     shared=params.shared, per_input=params.per_input, base=task.base, seed=seed,
                     models=task.models,
                 )
-                merge_into(spec.name, inputs, target)
+                self._merge(spec.name, inputs, target)
                 written.add(task.name)
         left = sorted(set(self.params) - written)
         if left:
