@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from typing import Any, Optional
 
 import torch
@@ -35,6 +36,9 @@ MIN_NUMEL = 1 << 20
 
 NONE, RANDOM, MAGNITUDE = 0, 1, 2
 _log = logging.getLogger(__name__)
+_LOCK = threading.Lock()
+"""Serialises compiled calls: Dynamo compiles on first use of each variant and is not safe to enter
+from several worker threads at once (a merge runs at memory bandwidth anyway)."""
 
 
 def _uniform(idx: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
@@ -115,8 +119,14 @@ def _compiled(name: str) -> Any:
                          options={"cpp.enable_floating_point_contract_flag": "fast"} if name == "linear" else None)
 
 
-@functools.lru_cache(maxsize=1)
 def available() -> bool:
+    """Whether Inductor compiles and runs a loop here (a working C++ compiler)."""
+    with _LOCK:
+        return _available()
+
+
+@functools.lru_cache(maxsize=1)
+def _available() -> bool:
     """Whether Inductor compiles and runs a loop here (a working C++ compiler)."""
     try:
         x = torch.arange(8, dtype=torch.float32)
@@ -153,19 +163,24 @@ def merge_into(method: str, x: TensorInputs, out: torch.Tensor, min_numel: int =
     """Merge one tensor with the compiled loop; False (nothing touched) when it does not apply."""
     if unsupported(method, x, out, min_numel) or not available():
         return False
-    flat = [t.reshape(-1) for t in x.tensors]
-    dest = out.reshape(-1)
-    if method == "linear":
-        weights = [float(p["weight"]) for p in x.per_input]
-        if x.shared["normalize"]:
-            check_linear_weights(weights, repr(x.name))
-        w = torch.tensor(weights, dtype=torch.float32)
-        bad = _compiled("linear")(flat, w, w.sum(), dest, bool(x.shared["normalize"]))
-    else:
-        bad = _merge_gta(method, x, flat, dest)
+    with _LOCK:
+        bad = _merge(method, x, out)
     if int(bad):
         raise non_finite_error(x.name, method, int(bad))
     return True
+
+
+def _merge(method: str, x: TensorInputs, out: torch.Tensor) -> torch.Tensor:
+    """Run the compiled loop; returns the count of non-finite outputs."""
+    flat = [t.reshape(-1) for t in x.tensors]
+    dest = out.reshape(-1)
+    if method != "linear":
+        return _merge_gta(method, x, flat, dest)
+    weights = [float(p["weight"]) for p in x.per_input]
+    if x.shared["normalize"]:
+        check_linear_weights(weights, repr(x.name))
+    w = torch.tensor(weights, dtype=torch.float32)
+    return _compiled("linear")(flat, w, w.sum(), dest, bool(x.shared["normalize"]))
 
 
 def _merge_gta(method: str, x: TensorInputs, flat: list[torch.Tensor], dest: torch.Tensor) -> torch.Tensor:
