@@ -16,7 +16,7 @@ from typing import Literal, Optional, Protocol
 from mergesearch.errors import MergeSearchError
 from mergesearch.workers.worker import Job, JobResult, Progress, ResidentSources, Worker, WorkerSetup
 
-__all__ = ["Event", "Executor", "LocalExecutor", "make_executor"]
+__all__ = ["Event", "Executor", "LocalExecutor", "candidate_error", "make_executor"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,14 @@ class Executor(Protocol):
     def running(self) -> list[str]: ...
 
     def close(self) -> None: ...
+
+
+def candidate_error(err: BaseException, worker: str) -> str:
+    """The message of a candidate's failure: a MergeSearchError as is, anything else with its type."""
+    if isinstance(err, MergeSearchError):
+        return str(err)
+    tb = traceback.format_exception_only(type(err), err)[-1].strip()
+    return f"{tb} (in {worker})"
 
 
 class LocalExecutor:
@@ -129,11 +137,8 @@ class LocalExecutor:
             try:
                 result = worker.run(job, lambda p: self._report(worker, p))
                 event = Event("done", job.key, result=result, worker=worker.name)
-            except MergeSearchError as err:
-                event = Event("failed", job.key, error=str(err), worker=worker.name)
             except Exception as err:  # noqa: BLE001 - a failed candidate must not stop the study
-                tb = traceback.format_exception_only(type(err), err)[-1].strip()
-                event = Event("failed", job.key, error=f"{tb} (in {worker.name})", worker=worker.name)
+                event = Event("failed", job.key, error=candidate_error(err, worker.name), worker=worker.name)
             with self._lock:
                 self._running.pop(job.key, None)
                 self.replies.pop(job.key, None)
@@ -156,11 +161,14 @@ def make_executor(kind: str, setup: WorkerSetup, workers: int = 1, address: Opti
     if kind == "local":
         return LocalExecutor(setup, workers)
     if kind == "ray":
-        try:
-            from mergesearch.workers.ray_executor import RayExecutor  # type: ignore[import-not-found]
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
             raise MergeSearchError(
-                "executor.kind 'ray' is not available yet in this version; use executor: {kind: local}."
-            ) from None
+                "executor.kind 'ray' needs the `ray` package, which is not installed here: "
+                "pip install 'ray>=2.30' (on every node of the cluster), or use executor: {kind: local}."
+            )
+        from mergesearch.workers.ray_executor import RayExecutor
+
         return RayExecutor(setup, workers, address=address, trial_timeout=trial_timeout)
     raise MergeSearchError(f"Unknown executor {kind!r}; use local or ray.")
