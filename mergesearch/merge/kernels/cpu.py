@@ -31,7 +31,7 @@ from mergesearch.merge.methods import TensorInputs, check_linear_weights, non_fi
 from mergesearch.merge.registry import task_arithmetic_variant
 
 COVERED = ("linear", "task_arithmetic", "dare_linear", "dare_ties", "ties")
-MIN_NUMEL = 1 << 20
+MIN_NUMEL = 1 << 18
 """Smaller tensors are merged by the reference: the compiled loop's gain does not pay its call."""
 
 NONE, RANDOM, MAGNITUDE = 0, 1, 2
