@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergesearch.errors import ConfigError, MergeSearchError
 
@@ -56,6 +56,8 @@ class ZooConfig(BaseModel):
     )
     base_steps: int = 1200
     expert_steps: int = 300
+    expert_steps_scale: dict[str, float] = Field(default_factory=lambda: {"addition": 2.0})
+    """Per-skill multiplier of ``expert_steps`` (addition learns slowest)."""
     batch_size: int = 32
     base_lr: float = 3e-3
     expert_lr: float = 1e-3
@@ -66,6 +68,16 @@ class ZooConfig(BaseModel):
     verify_limit: Optional[int] = Field(None, ge=1)
     sharded_expert: str = "code"
     shard_size: str = "1MB"
+
+    @model_validator(mode="after")
+    def _known_skills(self) -> "ZooConfig":
+        unknown = sorted(set(self.expert_steps_scale) - set(self.skills))
+        if unknown:
+            raise ValueError(f"expert_steps_scale names {unknown[0]!r}, which is not one of the skills "
+                             f"({', '.join(self.skills)})")
+        if any(v <= 0 for v in self.expert_steps_scale.values()):
+            raise ValueError("expert_steps_scale values must be positive")
+        return self
 
 
 class ZooBuildError(MergeSearchError):
@@ -386,7 +398,9 @@ def build_zoo(
         _train(model, batcher,
                lambda rng, s=skill: [s if rng.random() >= config.expert_replay else rng.choices(names, weights)[0]
                                      for _ in range(config.batch_size)],
-               config.expert_steps, config.expert_lr, config.warmup_steps, config.seed, log, skill)
+               round(config.expert_steps * config.expert_steps_scale.get(skill, 1.0)), config.expert_lr,
+               config.warmup_steps,
+               config.seed, log, skill)
         shard = config.shard_size if skill == config.sharded_expert else None
         _save(model, tok_dir, sources[skill], shard)
     shutil.rmtree(init_dir, ignore_errors=True)
