@@ -19,6 +19,7 @@ from mergesearch.errors import MergeSearchError
 from mergesearch.workers.executor import LocalExecutor
 from mergesearch.workers.worker import Job, Worker, WorkerSetup
 from mergesearch.zoo.build import ZooConfig, build_zoo, default_evals_dir
+from test_driver import write_study
 
 TINY = ZooConfig(base_steps=3, expert_steps=2, warmup_steps=1, verify=False, verify_limit=2, threads=1)
 WORKERS = 2
@@ -384,27 +385,6 @@ def test_make_executor_builds_both_kinds(setup):
 # A whole study on Ray
 
 
-def write_study(folder: Path, zoo: Path, **over) -> Path:
-    study = {
-        "name": "t",
-        "sources": {"base": str(zoo / "base"), "models": [str(zoo / "experts" / "addition"),
-                                                       str(zoo / "experts" / "order")]},
-        "method": "linear",
-        "space": "dirichlet_linear",
-        "evals": {"tasks": ["perplexity", "order"], "proxy_limit": 24, "held_out_limit": 2, "chunk_size": 2},
-        "sampler": "random",
-        "budget": {"trials": 4},
-        "top_k": 1,
-        "baselines": False,
-        "output_dir": "out",
-        **over,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "study.yaml"
-    path.write_text(yaml.safe_dump(study), encoding="utf-8")
-    return path
-
-
 @pytest.mark.integration
 def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster, monkeypatch):
     from mergesearch.driver.config import load_study
@@ -419,7 +399,9 @@ def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster,
         return made[-1]
 
     monkeypatch.setattr(executor_module, "make_executor", spy)
-    path = write_study(tmp_path / "s", zoo_dir, executor={"kind": "ray", "workers": 2})
+    path = write_study(tmp_path / "s", zoo_dir, executor={"kind": "ray", "workers": 2}, budget={"trials": 4},
+                       evals={"tasks": ["perplexity", "order"], "proxy_limit": 24, "held_out_limit": 2,
+                              "chunk_size": 2}, top_k=1, baselines=False)
     url = f"sqlite:///{path.parent / 'out' / 'study.db'}"
     killed: dict = {}
     stop = threading.Event()

@@ -11,12 +11,12 @@ import queue
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Literal, Optional, Protocol
+from typing import Any, Literal, Optional, Protocol
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.workers.worker import Job, JobResult, Progress, ResidentSources, Worker, WorkerSetup
 
-__all__ = ["Event", "Executor", "LocalExecutor", "candidate_error", "make_executor"]
+__all__ = ["Event", "Executor", "LocalExecutor", "candidate_error", "drain_queue", "make_executor"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,20 @@ def candidate_error(err: BaseException, worker: str) -> str:
         return str(err)
     tb = traceback.format_exception_only(type(err), err)[-1].strip()
     return f"{tb} (in {worker})"
+
+
+def drain_queue(q: "queue.Queue[Any]", timeout: float) -> list[Any]:
+    """Everything in ``q``, waiting up to ``timeout`` seconds for the first item."""
+    out = []
+    try:
+        out.append(q.get(timeout=timeout))
+    except queue.Empty:
+        return out
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
 
 
 class LocalExecutor:
@@ -106,16 +120,7 @@ class LocalExecutor:
             box.put(stop)
 
     def poll(self, timeout: float) -> list[Event]:
-        out = []
-        try:
-            out.append(self.events.get(timeout=timeout))
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return out
+        return drain_queue(self.events, timeout)
 
     def _report(self, worker: Worker, progress: Progress) -> bool:
         self.events.put(Event("progress", progress.key, progress=progress, worker=worker.name))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.workers.executor import Event, candidate_error
+from mergesearch.workers.executor import Event, candidate_error, drain_queue
 from mergesearch.workers.worker import Job, Progress, ResidentSources, Worker, WorkerSetup
 
 __all__ = ["RayExecutor", "RayExecutorError", "publish_sources"]
@@ -208,12 +208,17 @@ class WorkerActor:
             line = self.worker.memory_summary()
         return {"name": name, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "line": line}
 
+    def _ready(self) -> Worker:
+        if self.worker is None:
+            raise RayExecutorError("This worker actor was not set up; call setup() first.")
+        return self.worker
+
     def run(self, job: Job) -> tuple[str, Any]:
         """``("done", JobResult)`` or ``("failed", message)`` of a candidate's own error."""
-        assert self.worker is not None
+        worker = self._ready()
         self.replies[job.key] = queue.Queue(maxsize=1)
         try:
-            return "done", self.worker.run(job, self._report)
+            return "done", worker.run(job, self._report)
         except Exception as err:  # noqa: BLE001 - a failed candidate must not take the actor down
             return "failed", candidate_error(err, self.worker.name)
         finally:
@@ -233,16 +238,7 @@ class WorkerActor:
 
     def drain(self, wait: float) -> list[Progress]:
         """The heartbeat: progress reports queued so far, waiting up to ``wait`` s for the first."""
-        out = []
-        try:
-            out.append(self.outbox.get(timeout=wait))
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.outbox.get_nowait())
-            except queue.Empty:
-                return out
+        return drain_queue(self.outbox, wait)
 
     def current(self) -> list[str]:
         """Keys of the jobs inside ``run`` right now."""
@@ -260,8 +256,7 @@ class WorkerActor:
         """Where the source tensors live (smaps of their mappings), after reading them all if ``touch``."""
         import psutil
 
-        assert self.worker is not None
-        tensors = [t for ts in self.worker.sources.tensors.values() for t in ts.values()]
+        tensors = [t for ts in self._ready().sources.tensors.values() for t in ts.values()]
         if touch:
             for t in tensors:
                 if t.numel():
@@ -602,7 +597,8 @@ class RayExecutor:
             key = slot.job.key if slot.job is not None else None
             return [Event("progress", p.key, progress=p, worker=slot.name) for p in reports if p.key == key]
         job = slot.job
-        assert job is not None
+        if job is None:
+            return []
         try:
             status, payload = ray.get(ref)
         except RayTaskError as err:
