@@ -102,8 +102,10 @@ def test_sources_that_do_not_fit_in_memory_are_refused_with_the_sizes(qwen3_fami
 
 
 def test_peak_memory_measures_an_allocation_above_the_start():
+    # 256 MiB: far above malloc's mmap threshold, so the pages are new to the process (a small
+    # block could reuse memory freed earlier in the session, which the RSS peak rightly ignores)
     with W.PeakMemory("cpu") as peak:
-        block = torch.ones(8 * 2**20)
+        block = torch.ones(64 * 2**20)
         block += 1
     del block
-    assert peak.bytes is not None and peak.bytes >= 24 * 2**20
+    assert peak.bytes is not None and peak.bytes >= 200 * 2**20
