@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Protocol
 from mergesearch.errors import MergeSearchError
 from mergesearch.workers.worker import Job, JobResult, Progress, ResidentSources, Worker, WorkerSetup
 
-__all__ = ["Event", "Executor", "LocalExecutor", "candidate_error", "drain_queue", "make_executor"]
+__all__ = ["Event", "Executor", "LocalExecutor", "await_reply", "candidate_error", "drain_queue", "make_executor"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,16 @@ def drain_queue(q: "queue.Queue[Any]", timeout: float) -> list[Any]:
             return out
 
 
+def await_reply(box: "queue.Queue[bool]", closed: threading.Event) -> bool:
+    """The driver's answer to a progress report (True: stop the eval); True once ``closed`` is set."""
+    while not closed.is_set():
+        try:
+            return box.get(timeout=0.5)
+        except queue.Empty:
+            continue
+    return True
+
+
 class LocalExecutor:
     """Workers as threads of this process; they share one resident copy of the sources."""
 
@@ -124,13 +134,7 @@ class LocalExecutor:
 
     def _report(self, worker: Worker, progress: Progress) -> bool:
         self.events.put(Event("progress", progress.key, progress=progress, worker=worker.name))
-        box = self.replies[progress.key]
-        while not self._closed.is_set():
-            try:
-                return box.get(timeout=0.5)
-            except queue.Empty:
-                continue
-        return True
+        return await_reply(self.replies[progress.key], self._closed)
 
     def _loop(self, worker: Worker) -> None:
         while True:

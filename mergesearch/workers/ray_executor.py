@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mergesearch.errors import MergeSearchError
-from mergesearch.workers.executor import Event, candidate_error, drain_queue
+from mergesearch.workers.executor import Event, await_reply, candidate_error, drain_queue
 from mergesearch.workers.worker import Job, Progress, ResidentSources, Worker, WorkerSetup
 
 __all__ = ["RayExecutor", "RayExecutorError", "publish_sources"]
@@ -229,12 +229,7 @@ class WorkerActor:
         if box is None:
             return True
         self.outbox.put(progress)
-        while not self.closing.is_set():
-            try:
-                return box.get(timeout=0.5)
-            except queue.Empty:
-                continue
-        return True
+        return await_reply(box, self.closing)
 
     def drain(self, wait: float) -> list[Progress]:
         """The heartbeat: progress reports queued so far, waiting up to ``wait`` s for the first."""
