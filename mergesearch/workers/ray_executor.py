@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from mergesearch.errors import MergeSearchError
 from mergesearch.workers.executor import Event, await_reply, candidate_error, drain_queue
-from mergesearch.workers.worker import Job, Progress, ResidentSources, Worker, WorkerSetup
+from mergesearch.workers.worker import Job, Progress, ResidentSources, Worker, WorkerSetup, tensor_bytes
 
 __all__ = ["RayExecutor", "RayExecutorError", "publish_sources"]
 
@@ -67,7 +67,7 @@ def sources_nbytes(paths: tuple[str, ...]) -> int:
 
     ckpts = open_checkpoints(list(paths))
     try:
-        return sum(info.nbytes for ck in ckpts.values() for info in ck.tensors.values())
+        return tensor_bytes(ckpts)
     finally:
         for ck in ckpts.values():
             ck.close()

@@ -75,6 +75,11 @@ class JobResult:
 GIB = 1024**3
 
 
+def tensor_bytes(ckpts: Mapping[str, Any]) -> int:
+    """Bytes of every tensor of open checkpoints, from their headers."""
+    return sum(info.nbytes for ckpt in ckpts.values() for info in ckpt.tensors.values())
+
+
 def host_available_bytes() -> Optional[int]:
     """MemAvailable of this machine (Linux), or None where it cannot be read."""
     try:
@@ -158,7 +163,7 @@ class ResidentSources:
 
         self.ckpts = open_checkpoints(list(paths))
         self.tensors: dict[str, dict[str, Any]] = {}
-        need = sum(info.nbytes for ckpt in self.ckpts.values() for info in ckpt.tensors.values())
+        need = tensor_bytes(self.ckpts)
         self.placement = self._place(need, device, reserve)
         target = device if self.placement == "gpu" else "cpu"
         self.nbytes = 0
