@@ -127,12 +127,17 @@ class ExecutorConfig(_Frozen):
 
 
 class EngineConfig(_Frozen):
-    """The eval engine each worker builds once: backend, dtype, device, batch size."""
+    """The eval engine each worker builds once: backend, dtype, device, batch size.
+
+    ``max_model_len`` and ``kv_cache_gib`` size vLLM's context and KV cache (vllm only).
+    """
 
     backend: Literal["transformers", "vllm"] = "transformers"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
     batch_size: int = Field(32, ge=1)
+    max_model_len: Optional[int] = Field(None, ge=16)
+    kv_cache_gib: float = Field(1.0, gt=0)
 
 
 class StudyConfig(_Frozen):

@@ -626,6 +626,7 @@ def run_study(
     setup = WorkerSetup(
         sources=tuple(sources), engine_dir=sources[0], tasks=tuple(str(t.path) for t in prep.tasks),
         backend=c.engine.backend, dtype=c.engine.dtype, device=c.engine.device, batch_size=c.engine.batch_size,
+        max_model_len=c.engine.max_model_len, kv_cache_gib=c.engine.kv_cache_gib,
         chunk_size=c.evals.chunk_size, limits={"proxy": c.evals.proxy_limit, "held_out": c.evals.held_out_limit})
     executor = make_executor(c.executor.kind, setup, c.executor.workers, c.executor.address,
                              c.executor.trial_timeout)

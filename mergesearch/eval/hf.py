@@ -6,8 +6,16 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mergesearch.errors import CheckpointError, ConfigError, TensorMismatchError
-from mergesearch.eval.engine import LoglikelihoodResult, TokenScores, cut_at_stop
+from mergesearch.errors import CheckpointError, ConfigError
+from mergesearch.eval.engine import (
+    LoglikelihoodResult,
+    TokenScores,
+    WeightLoad,
+    check_model_dir,
+    cut_at_stop,
+    eos_token_ids,
+    loglikelihood_ids,
+)
 
 __all__ = ["TransformersEngine"]
 
@@ -39,8 +47,7 @@ class TransformersEngine:
             raise ConfigError(f"Engine batch_size must be a positive integer, got {batch_size!r}.")
         self.model_dir = str(model_dir)
         path = Path(model_dir)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{str(path)!r} is not a model folder (no config.json).")
+        check_model_dir(path, "transformers")
         self.device = torch.device(device)
         self.batch_size = batch_size
         try:
@@ -68,18 +75,22 @@ class TransformersEngine:
         self.model.to(self.device).eval()
         self.model.requires_grad_(False)
         tok = self.tokenizer
-        self.eos_ids = sorted(
-            {
-                i
-                for i in (tok.eos_token_id, *_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
-                if i is not None
-            }
-        )
+        self.eos_ids = eos_token_ids(tok, self.model.generation_config)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self.eos_ids or [0])[0]
         self.prefix_id = tok.bos_token_id if tok.bos_token_id is not None else self.pad_id
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         self._params = dict(self.model.named_parameters())
         self._tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        self._stale: str | None = None
+
+    def _check_ready(self) -> None:
+        if self.model is None:
+            raise CheckpointError(f"The engine for {self.model_dir!r} was closed; build a new one.")
+        if self._stale:
+            raise CheckpointError(
+                f"The engine for {self.model_dir!r} holds a partly loaded candidate ({self._stale}); "
+                "load a whole candidate with load_weights before scoring."
+            )
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -87,6 +98,7 @@ class TransformersEngine:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
         import torch
 
+        self._check_ready()
         if not prompts:
             return []
         encoded = [self._encode(p) or [self.prefix_id] for p in prompts]
@@ -141,18 +153,8 @@ class TransformersEngine:
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[LoglikelihoodResult]:
         import torch
 
-        seqs: list[tuple[list[int], int]] = []
-        for context, continuation in requests:
-            ctx = self._encode(context) or [self.prefix_id]
-            whole = self._encode(context + continuation)
-            if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-                cont = whole[len(ctx) :]
-            else:
-                cont = self._encode(continuation)
-            if not cont:
-                raise ConfigError(f"Continuation {continuation!r} is empty after tokenisation.")
-            seq = (ctx + cont)[-(self.max_length + 1) :]
-            seqs.append((seq, len(cont)))
+        self._check_ready()
+        seqs = [loglikelihood_ids(self._encode, self.prefix_id, self.max_length, c, x) for c, x in requests]
         out: list[LoglikelihoodResult] = [None] * len(seqs)  # type: ignore[list-item]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
         for start in range(0, len(order), self.batch_size):
@@ -171,6 +173,7 @@ class TransformersEngine:
     def token_scores(self, texts: Sequence[str]) -> list[TokenScores]:
         import torch
 
+        self._check_ready()
         encoded = [[self.prefix_id] + self._encode(t) for t in texts]
         encoded = [s[: self.max_length] for s in encoded]
         out: list[TokenScores] = [None] * len(texts)  # type: ignore[list-item]
@@ -190,28 +193,23 @@ class TransformersEngine:
         """Checkpoint tensor names this engine holds (``lm_head.weight`` omitted when tied)."""
         return list(self._params)
 
+    def weight_specs(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        return {n: (tuple(p.shape), p.dtype) for n, p in self._params.items()}
+
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> int:
-        """Copy tensors into the live parameters; returns how many were written."""
+        """Copy a whole candidate into the live parameters; returns how many were written."""
         import torch
 
-        count = 0
+        if self.model is None:
+            raise CheckpointError(f"The engine for {self.model_dir!r} was closed; build a new one.")
+        load = WeightLoad(self.weight_specs(), self.model_dir, skip=("lm_head.weight",) if self._tied else ())
+        self._stale = "a weight load did not finish"
         with torch.no_grad():
             for name, tensor in named_tensors:
-                param = self._params.get(name)
-                if param is None:
-                    if name == "lm_head.weight" and self._tied:
-                        continue
-                    raise CheckpointError(
-                        f"Engine for {self.model_dir!r} has no tensor {name!r}; the candidate does not "
-                        "match the engine's architecture."
-                    )
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise TensorMismatchError(
-                        f"Tensor {name!r} has shape {tuple(tensor.shape)} but the engine's is "
-                        f"{tuple(param.shape)}."
-                    )
-                param.copy_(tensor)
-                count += 1
+                if load.check(name, tensor):
+                    self._params[name].copy_(tensor)
+        count = load.finish()
+        self._stale = None
         return count
 
     def state_dict(self) -> dict[str, Any]:
@@ -221,9 +219,3 @@ class TransformersEngine:
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
         self._params = {}
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

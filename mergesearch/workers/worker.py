@@ -12,7 +12,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -33,6 +33,8 @@ class WorkerSetup:
     dtype: str = "float32"
     device: str = "cpu"
     batch_size: int = 32
+    max_model_len: Optional[int] = None
+    kv_cache_gib: float = 1.0
     chunk_size: int = 16
     limits: Mapping[str, Optional[int]] = field(default_factory=dict)
 
@@ -211,7 +213,12 @@ class ResidentSources:
 
 
 class Materializer:
-    """Writes a merge plan's output into an engine's live parameters, one tensor at a time.
+    """Writes a merge plan's output into an engine, one tensor at a time.
+
+    Engines that expose their live parameters (``state_dict()``, the transformers engine) are
+    written in place; others (vLLM, whose parameters are stacked and repacked) get the merged
+    tensors streamed through ``load_weights``, each merged into a fresh buffer just before the
+    engine's loader copies it, so at most one merged tensor exists outside the engine.
 
     ``kernel`` picks how each tensor is merged: ``"auto"`` uses the fused Triton kernel
     (``mergesearch.merge.kernels``) for parameters on a CUDA device, and on CPU the
@@ -228,7 +235,9 @@ class Materializer:
             raise ConfigError(f"Unknown merge kernel choice {kernel!r}; use auto, triton or torch.")
         self.sources = sources
         self.engine = engine
-        self.params = engine.state_dict()
+        self.in_place = callable(getattr(engine, "state_dict", None))
+        self.params = engine.state_dict() if self.in_place else {}
+        self.specs = engine.weight_specs()
         self.tied = bool(getattr(engine, "_tied", False))
         self.kernel = kernel
         self.warned: set[str] = set()
@@ -271,17 +280,26 @@ class Materializer:
             )
         tasks = MergeTasks(plan, spec, self.sources.ckpts)
         tasks.check_params()
-        written = set()
-        with torch.no_grad():
-            for task in tasks.tasks:
-                target = self.params.get(task.name)
-                if target is None:
-                    if task.name == "lm_head.weight" and self.tied:
-                        continue
-                    raise CheckpointError(
-                        f"The merge produces {task.name!r}, which the engine does not have; the plan "
-                        "does not match the engine's architecture."
-                    )
+        todo = []
+        for task in tasks.tasks:
+            if task.name not in self.specs:
+                if task.name == "lm_head.weight" and self.tied:
+                    continue
+                raise CheckpointError(
+                    f"The merge produces {task.name!r}, which the engine does not have; the plan "
+                    "does not match the engine's architecture."
+                )
+            todo.append(task)
+        left = sorted(set(self.specs) - {t.name for t in todo})
+        if left:
+            raise CheckpointError(
+                f"The merge plan does not produce {len(left)} of the engine's tensors (first: {left[0]!r}); "
+                "a candidate must cover the whole model (check `slices:` layer ranges)."
+            )
+
+        def merged(target_of: Callable[[Any], Any]) -> Iterator[tuple[str, Any]]:
+            for task in todo:
+                target = target_of(task)
                 params = tasks.params(task)
                 inputs = TensorInputs(
                     name=task.name,
@@ -291,14 +309,18 @@ class Materializer:
                     models=task.models,
                 )
                 self._merge(spec.name, inputs, target)
-                written.add(task.name)
-        left = sorted(set(self.params) - written)
-        if left:
-            raise CheckpointError(
-                f"The merge plan does not produce {len(left)} of the engine's tensors (first: {left[0]!r}); "
-                "a candidate must cover the whole model (check `slices:` layer ranges)."
-            )
-        return len(written)
+                yield task.name, target
+
+        with torch.no_grad():
+            if self.in_place:
+                return sum(1 for _ in merged(lambda task: self.params[task.name]))
+            device = getattr(self.engine, "device", torch.device("cpu"))
+
+            def fresh(task: Any) -> Any:
+                shape, dtype = self.specs[task.name]
+                return torch.empty(shape, dtype=dtype, device=device)
+
+            return self.engine.load_weights(merged(fresh))
 
 
 def build_engine(setup: WorkerSetup) -> Any:
@@ -308,13 +330,10 @@ def build_engine(setup: WorkerSetup) -> Any:
         return TransformersEngine(setup.engine_dir, dtype=setup.dtype, device=setup.device,
                                   batch_size=setup.batch_size)
     if setup.backend == "vllm":
-        try:
-            from mergesearch.eval.vllm import VLLMEngine  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError(
-                "engine.backend 'vllm' is not available in this installation; use backend: transformers."
-            ) from None
-        return VLLMEngine(setup.engine_dir, dtype=setup.dtype, device=setup.device)
+        from mergesearch.eval.vllm import VLLMEngine
+
+        return VLLMEngine(setup.engine_dir, dtype=setup.dtype, device=setup.device, batch_size=setup.batch_size,
+                          max_model_len=setup.max_model_len, kv_cache_gib=setup.kv_cache_gib)
     raise ConfigError(f"Unknown engine backend {setup.backend!r}; use transformers or vllm.")
 
 
@@ -350,7 +369,7 @@ class Worker:
             setup.sources, setup.device, reserve=engine_bytes_estimate(setup))
         self.engine = build_engine(setup)
         self.materialise = Materializer(self.sources, self.engine)
-        self.engine_bytes = sum(t.numel() * t.element_size() for t in self.materialise.params.values())
+        self.engine_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.materialise.specs.values())
         self.memory_after = process_memory_bytes(setup.device)
         self.scratch_bytes: Optional[int] = None
         self.setup_seconds = time.perf_counter() - start
