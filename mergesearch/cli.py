@@ -141,6 +141,9 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     show: int = typer.Option(0, min=0, help="Print the first N responses and details per task."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-example scores to this file."),
+    backend: str = typer.Option("transformers", help="Eval engine: transformers or vllm."),
+    confirm_run_unsafe_code: bool = typer.Option(
+        False, "--confirm-run-unsafe-code", help="Allow lm-eval tasks that execute model-written code."),
 ) -> None:
     """Score a model on proxy eval tasks (the scores a search would see)."""
     import json
@@ -155,8 +158,15 @@ def eval_cmd(
     splits = list(SPLITS) if split == "both" else [split]
     if any(s not in SPLITS for s in splits):
         raise ConfigError(f"--split {split!r} is not one of proxy, held_out, both.")
-    loaded = load_tasks(tasks, [tasks_dir])
-    engine = TransformersEngine(model, dtype=dtype, device=device)
+    if backend not in ("transformers", "vllm"):
+        raise ConfigError(f"--backend {backend!r} is not one of transformers, vllm.")
+    loaded = load_tasks(tasks, [tasks_dir], confirm_run_unsafe_code)
+    if backend == "vllm":
+        from mergesearch.eval.vllm import VLLMEngine
+
+        engine = VLLMEngine(model, dtype=dtype, device=device)
+    else:
+        engine = TransformersEngine(model, dtype=dtype, device=device)
     table = Table("task", *splits, "examples", "seconds", title=str(model))
     dump = {}
     for task in loaded:

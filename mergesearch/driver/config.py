@@ -76,6 +76,7 @@ class EvalsConfig(_Frozen):
     proxy_limit: Optional[int] = Field(None, ge=1)
     held_out_limit: Optional[int] = Field(None, ge=1)
     chunk_size: int = Field(16, ge=1)
+    confirm_run_unsafe_code: bool = False
 
     @model_validator(mode="after")
     def _weights(self) -> "EvalsConfig":

@@ -87,7 +87,7 @@ def prepare(sf: StudyFile) -> Prepared:
     finally:
         for ck in ckpts.values():
             ck.close()
-    tasks = load_tasks(sf.task_refs(), sf.task_dirs)
+    tasks = load_tasks(sf.task_refs(), sf.task_dirs, sf.config.evals.confirm_run_unsafe_code)
     names = [t.name for t in tasks]
     for t in tasks:
         for split in ("proxy", "held_out"):
@@ -627,7 +627,7 @@ def run_study(
         sources=tuple(sources), engine_dir=sources[0], tasks=tuple(str(t.path) for t in prep.tasks),
         backend=c.engine.backend, dtype=c.engine.dtype, device=c.engine.device, batch_size=c.engine.batch_size,
         max_model_len=c.engine.max_model_len, kv_cache_gib=c.engine.kv_cache_gib,
-        chunk_size=c.evals.chunk_size, limits={"proxy": c.evals.proxy_limit, "held_out": c.evals.held_out_limit})
+        confirm_run_unsafe_code=c.evals.confirm_run_unsafe_code, chunk_size=c.evals.chunk_size, limits={"proxy": c.evals.proxy_limit, "held_out": c.evals.held_out_limit})
     executor = make_executor(c.executor.kind, setup, c.executor.workers, c.executor.address,
                              c.executor.trial_timeout)
     started = time.time()

@@ -12,6 +12,10 @@ scorers, malformed or empty JSONL lines (file and line named), template fields m
 from an example, scorer settings (for example a regex that does not compile), and any
 example shared by two splits (refused, with the duplicates named).
 
+A task file with an ``lm_eval`` block instead (name, description, lm_eval) wraps an lm-eval
+task: lm-eval builds its prompts and scores each doc (:mod:`mergesearch.eval.lm_eval_bridge`,
+imported only for such files).
+
 This module imports no torch.
 """
 
@@ -304,10 +308,20 @@ def parse_task(raw: Any, source: str = "task", base_dir: Path | None = None) -> 
     return Task(spec=spec, path=None, splits=loaded, scorer=scorer, prefix=prefix)
 
 
-def load_task(path: str | Path) -> Task:
-    """Load and validate one task file."""
+def load_task(path: str | Path, confirm_run_unsafe_code: bool = False) -> Any:
+    """Load and validate one task file.
+
+    A file with an ``lm_eval`` block wraps an lm-eval task (see
+    :mod:`mergesearch.eval.lm_eval_bridge`) and loads as an ``LmEvalTask``, which the runner
+    uses like a :class:`Task`; any other file loads as a :class:`Task`. lm-eval tasks that run
+    model-written code load only with ``confirm_run_unsafe_code``.
+    """
     path = Path(path)
     raw, _ = read_yaml_file(path, "task file")
+    if isinstance(raw, dict) and "lm_eval" in raw:
+        from mergesearch.eval.lm_eval_bridge import load_lm_eval_task
+
+        return load_lm_eval_task(raw, path, confirm_run_unsafe_code=confirm_run_unsafe_code)
     task = parse_task(raw, str(path), path.parent)
     return dataclasses.replace(task, path=path)
 
@@ -320,7 +334,8 @@ def find_task_files(root: str | Path) -> list[Path]:
     )
 
 
-def load_tasks(refs: Iterable[str | Path], search_dirs: Sequence[Path] = ()) -> list[Task]:
+def load_tasks(refs: Iterable[str | Path], search_dirs: Sequence[Path] = (),
+               confirm_run_unsafe_code: bool = False) -> list[Any]:
     """Load tasks by path, or by name from ``search_dirs`` (``addition`` -> ``DIR/addition.yaml``)."""
     tasks: list[Task] = []
     names: set[str] = set()
@@ -333,7 +348,7 @@ def load_tasks(refs: Iterable[str | Path], search_dirs: Sequence[Path] = ()) -> 
                 available = [p.stem for d in search_dirs for p in find_task_files(d)]
                 raise ConfigError(f"No task named {str(ref)!r}.{suggest(str(ref), available)}")
             path = found[0]
-        task = load_task(path)
+        task = load_task(path, confirm_run_unsafe_code)
         if task.name in names:
             raise ConfigError(f"Two tasks are named {task.name!r}; rename one (the `name:` field of {path}).")
         names.add(task.name)

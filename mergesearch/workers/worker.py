@@ -36,6 +36,7 @@ class WorkerSetup:
     max_model_len: Optional[int] = None
     kv_cache_gib: float = 1.0
     chunk_size: int = 16
+    confirm_run_unsafe_code: bool = False
     limits: Mapping[str, Optional[int]] = field(default_factory=dict)
 
 
@@ -363,7 +364,7 @@ class Worker:
         self.setup = setup
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.memory_before = process_memory_bytes(setup.device)
-        self.tasks = load_tasks([Path(t) for t in setup.tasks])
+        self.tasks = load_tasks([Path(t) for t in setup.tasks], (), setup.confirm_run_unsafe_code)
         self.shared_sources = sources is not None
         self.sources = sources if sources is not None else ResidentSources(
             setup.sources, setup.device, reserve=engine_bytes_estimate(setup))
