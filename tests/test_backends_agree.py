@@ -125,3 +125,23 @@ def test_the_demo_zoo_generates_and_scores_the_same(vllm_ready: None) -> None:
     finally:
         hf.close()
         vl.close()
+
+
+@pytest.mark.slow
+def test_a_study_on_ray_actors_with_vllm_engines_scores_like_the_local_run(tmp_path: Path, short_zoo: Path,
+                                                                          vllm_ready: None) -> None:
+    """Each Ray actor builds its own in-process vLLM engine; the scores are the local run's."""
+    runs = {}
+    for kind in ("local", "ray"):
+        path = _study(tmp_path / kind, short_zoo, "vllm")
+        study = yaml.safe_load(path.read_text())
+        study["executor"] = {"kind": kind, "workers": 2 if kind == "ray" else 1}
+        path.write_text(yaml.safe_dump(study), encoding="utf-8")
+        run_study(load_study(path), log=lambda _line: None)
+        runs[kind] = _examples(path)
+    for number, local in runs["local"].items():
+        ray = runs["ray"][number]
+        assert ray["plan"] == local["plan"]
+        for task in local:
+            if task != "plan":
+                assert ray[task] == pytest.approx(local[task], abs=SCORE_ATOL), (number, task)
