@@ -459,3 +459,26 @@ def test_a_closed_engine_refuses_work(backend: str, untied_dir: Path) -> None:
         e.generate(PROMPTS[:1], max_new_tokens=2)
     with pytest.raises(CheckpointError, match="closed"):
         e.load_weights(weights.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM specifics: the install hint and the device check
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_vllm_names_the_install_command(monkeypatch: pytest.MonkeyPatch, untied_dir: Path) -> None:
+    from mergesearch.eval.vllm import VLLMEngine
+
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)
+    with pytest.raises(ConfigError, match=r"needs the vllm package.*install_vllm_cpu\.sh.*backend: transformers"):
+        VLLMEngine(untied_dir)
+
+
+def test_vllm_refuses_a_device_it_does_not_run_on(untied_dir: Path) -> None:
+    if why := _vllm_missing():
+        pytest.skip(why)
+    from vllm.platforms import current_platform
+
+    other = "cpu" if current_platform.device_type == "cuda" else "cuda"
+    with pytest.raises(ConfigError, match=rf"runs on '{current_platform.device_type}', but the engine device is '{other}'"):
+        build("vllm", untied_dir, device=other)
