@@ -114,7 +114,7 @@ def test_the_demo_zoo_generates_and_scores_the_same(vllm_ready: None) -> None:
     vl = VLLMEngine(models[0], dtype="float32")
     try:
         for model in models:
-            weights = load_file(model / "model.safetensors")
+            weights = {k: v for f in sorted(model.glob("*.safetensors")) for k, v in load_file(f).items()}
             hf.load_weights(weights.items())
             vl.load_weights(weights.items())
             for task in tasks:

@@ -461,6 +461,29 @@ def test_a_closed_engine_refuses_work(backend: str, untied_dir: Path) -> None:
         e.load_weights(weights.items())
 
 
+
+def test_closing_one_engine_leaves_the_others_working(backend: str, untied_dir: Path, other_dir: Path) -> None:
+    """Several engines in one process (local workers): closing one must not break another, and
+    building and closing engines must not keep their memory."""
+    import psutil
+
+    a, b = build(backend, untied_dir), build(backend, other_dir)
+    try:
+        expected = a.generate(PROMPTS[:3], max_new_tokens=6)
+        b.close()
+        assert a.generate(PROMPTS[:3], max_new_tokens=6) == expected
+        rss = []
+        for _ in range(3):
+            c = build(backend, other_dir)
+            c.generate(PROMPTS[:1], max_new_tokens=2)
+            c.close()
+            rss.append(psutil.Process().memory_info().rss)
+        assert rss[-1] - rss[0] < 64 * 2**20, f"memory grew by {(rss[-1] - rss[0]) / 2**20:.0f} MiB over two builds"
+        assert a.generate(PROMPTS[:3], max_new_tokens=6) == expected
+    finally:
+        a.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # vLLM specifics: the install hint and the device check
 # ---------------------------------------------------------------------------------------------

@@ -190,6 +190,7 @@ class VLLMEngine:
                 set_threads(threads)
         self._sampling = vllm.SamplingParams
         self._stale: Optional[str] = None
+        _OPEN.add(id(self))
 
     # ------------------------------------------------------------------------------------------
 
@@ -311,17 +312,38 @@ class VLLMEngine:
         return count
 
     def close(self) -> None:
+        """Free the engine (its weights and KV cache).
+
+        vLLM's in-process shutdown also tears down state every vLLM engine of the process shares
+        (the parallel groups), which would break the others: while other engines are open, only
+        this engine's executor and scheduler are shut down.
+        """
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return
+        _OPEN.discard(id(self))
+        client = llm.llm_engine.engine_core
+        core = getattr(client, "engine_core", None)
+        finalizer = getattr(client, "_finalizer", None)
         try:
-            llm.llm_engine.engine_core.shutdown()
+            if _OPEN and core is not None and finalizer is not None:
+                finalizer.detach()
+                core.structured_output_manager.clear_backend()
+                core.model_executor.shutdown()
+                core.scheduler.shutdown()
+            else:
+                client.shutdown()
         except Exception:  # noqa: BLE001 (best effort: the process may be exiting)
             pass
-        del llm
+        del llm, client, core, finalizer
         import gc
 
+        gc.unfreeze()
         gc.collect()
+
+
+#: ids of the VLLMEngine objects of this process that are open.
+_OPEN: set[int] = set()
 
 
 def _resolve_dtype(dtype: str, config: dict[str, Any]) -> str:
