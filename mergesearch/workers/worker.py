@@ -238,7 +238,8 @@ class Materializer:
         self.engine = engine
         self.in_place = callable(getattr(engine, "state_dict", None))
         self.params = engine.state_dict() if self.in_place else {}
-        self.specs = engine.weight_specs()
+        self.specs = ({n: (tuple(t.shape), t.dtype) for n, t in self.params.items()} if self.in_place
+                      else engine.weight_specs())
         self.tied = bool(getattr(engine, "_tied", False))
         self.kernel = kernel
         self.warned: set[str] = set()
