@@ -284,10 +284,64 @@ def demo(
     _run_study(root / "studies" / "demo.yaml", trials, quiet)
 
 
+@app.command()
+def export(
+    study: Optional[Path] = typer.Argument(None, help="Study file (YAML); leave out with --storage."),
+    out: Optional[Path] = typer.Argument(None, help="Folder to write; must not exist unless --force."),
+    storage: Optional[str] = typer.Option(None, help="Storage URL instead of a study file."),
+    name: Optional[str] = typer.Option(None, "--study", help="Study name in the storage."),
+    trial: Optional[int] = typer.Option(None, "--trial", help="Export trial N."),
+    best: bool = typer.Option(False, "--best", help="Export the best trial, as `status` ranks it (the default)."),
+    pareto: bool = typer.Option(False, "--pareto", help="Export every trial of the Pareto front into OUT/trial-N/."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (once the new one is complete)."),
+    fmt: str = typer.Option("text", "--format", help="text, or json: one JSON object for scripts."),
+    device: str = typer.Option("cpu", help="Where to merge: cpu, cuda or cuda:N."),
+    max_shard_size: str = typer.Option("5GB", help="Largest safetensors shard, e.g. 500MB."),
+) -> None:
+    """Export a trial as mergekit YAML, a merged checkpoint and a model card (docs/studies.md#export)."""
+    import json
+
+    from mergesearch.driver.export import export_study, open_study
+    from mergesearch.errors import ConfigError
+
+    _quiet_libraries()
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--format {fmt!r} is not one of text, json.")
+    if storage is not None and out is None:
+        study, out = None, study
+    if out is None:
+        raise ConfigError("Give the output folder: mergesearch export STUDY.yaml OUT "
+                          "(or --storage URL [--study NAME] OUT).")
+    if sum([best, pareto, trial is not None]) > 1:
+        raise ConfigError("Give one of --best, --trial N, --pareto.")
+    mode = "pareto" if pareto else "trial" if trial is not None else "best"
+    opened = open_study(study, storage, name)
+    log = (lambda m: err_console.print(m, highlight=False, markup=False)) if fmt == "text" else None
+    result = export_study(opened, out, mode=mode, trial=trial, force=force, device=device,
+                          max_shard_size=max_shard_size, log=log)
+    if fmt == "json":
+        console.out(json.dumps(result.to_json(), indent=2), highlight=False)
+        return
+    for e in result.exports:
+        held = (f", held-out {e.held_out:.4f} (gap {e.gap:+.4f})" if e.held_out is not None and e.gap is not None
+                else ", held-out not scored")
+        console.print(f"[green]Exported[/green] trial {e.trial} of study {result.study} to {e.dir}: proxy "
+                      f"{e.proxy:.4f}{held}; {e.tensors} tensors, {e.bytes_written / 1e6:.1f} MB", highlight=False)
+        console.print(f"  {e.dir / 'config.yaml'} (mergekit YAML), {e.dir / 'README.md'} (model card); "
+                      f"reproduce: mergekit-yaml {e.dir / 'config.yaml'} OUT_DIR", highlight=False)
+        if e.random:
+            console.print(f"  [yellow]note[/yellow]: {e.method} is random; mergekit draws other masks, so the "
+                          f"checkpoint is the authority (mergesearch merge ... --seed {e.seed} reproduces it)",
+                          highlight=False)
+    if result.mode == "pareto":
+        console.print(f"Pareto front: {len(result.exports)} trial(s); index in {result.out_dir / 'README.md'}",
+                      highlight=False)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors print one clear line and exit 2, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except MergeSearchError as err:
         from rich.markup import escape
 
@@ -299,17 +353,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     except typer.Exit as exc:
         return exc.exit_code
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors of click, or of the click typer vendors (typer._click)
+        if not type(exc).__module__.startswith(("click", "typer")):
+            raise
+        if callable(getattr(exc, "show", None)):
             exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
+            return int(getattr(exc, "exit_code", 2))
+        if type(exc).__name__ == "Abort":
+            err_console.print("[yellow]aborted[/yellow]")
+            return 130
         raise
-    return 0
-
+    return rc if isinstance(rc, int) else 0
 
 if __name__ == "__main__":
     sys.exit(main())

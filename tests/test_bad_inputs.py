@@ -410,3 +410,16 @@ def test_error_message_keeps_square_brackets(capsys, tmp_path, out, qwen3_family
 def test_error_message_with_closing_tag_text(capsys, tmp_path, out):
     path = write_yaml(tmp_path, "merge_method: linear\n'[/b]': 1\nmodels:\n  - model: x\n")
     refused(capsys, path, out, "unknown key '[/b]'")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["status", "--top", "0"], "Invalid value for '--top'"),
+    (["export", "--format", "json", "--no-such-option"], "No such option"),
+    (["no-such-command"], "No such command"),
+])
+def test_usage_errors_print_one_message_and_exit_2(capsys, args, fragment):
+    from mergesearch.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err

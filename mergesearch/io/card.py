@@ -7,6 +7,8 @@ from typing import Optional
 
 import yaml
 
+DEFAULT_TAGS = ("merge", "mergekit", "mergesearch")
+
 
 def model_card(
     name: str,
@@ -15,12 +17,20 @@ def model_card(
     config_yaml: str,
     scores: Optional[Mapping[str, float]] = None,
     notes: Sequence[str] = (),
+    *,
+    sections: Sequence[tuple[str, str]] = (),
+    tags: Sequence[str] = DEFAULT_TAGS,
 ) -> str:
-    """A README.md: front matter (base_model list, tags), the merge YAML and scores if known."""
+    """A README.md: front matter (base_model list, tags), the merge YAML and scores if known.
+
+    ``sections`` are extra ``(title, markdown body)`` sections, placed after the scores and
+    before the notes and the configuration (``mergesearch export`` adds the held-out scores,
+    the eval definitions and the search that found the merge).
+    """
     front = {
         "base_model": list(base_models),
         "library_name": "transformers",
-        "tags": ["merge", "mergesearch"],
+        "tags": list(tags),
     }
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              f"A merge of {len(base_models)} models with the `{merge_method}` method, made with "
@@ -30,6 +40,8 @@ def model_card(
     if scores:
         lines += ["", "## Scores", "", "| eval | score |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.4f} |" for k, v in scores.items()]
+    for title, body in sections:
+        lines += ["", f"## {title}", "", body.rstrip()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Configuration", "", "The following mergekit YAML produced this model:", "",
