@@ -131,6 +131,9 @@ def _inputs_hash(config: ZooConfig, evals_dir: Path) -> str:
     for path in (here / "build.py", here / "skills.py", Path(__file__).resolve().parents[1] / "testing.py"):
         h.update(path.read_bytes())
     for path in sorted(evals_dir.rglob("*")):
+        nested = path.relative_to(evals_dir).parts[:-1]
+        if nested and nested[0] != "data":
+            continue  # other task collections (evals/lm_eval/) do not shape the zoo
         if path.is_file() and path.suffix in (".yaml", ".yml", ".jsonl"):
             h.update(str(path.relative_to(evals_dir)).encode())
             h.update(path.read_bytes())
