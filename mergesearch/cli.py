@@ -271,6 +271,25 @@ def status(
 
 
 @app.command()
+def dashboard(
+    study: Optional[Path] = typer.Argument(None, help="Study file whose storage to serve."),
+    storage: Optional[str] = typer.Option(None, help="Storage URL instead of a study file."),
+    name: Optional[str] = typer.Option(None, "--study", help="Study name in --storage."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; anything but loopback exposes the study."),
+    port: int = typer.Option(8080, min=0, max=65535, help="Port (0: any free port)."),
+    top: int = typer.Option(3, min=1, help="Best trials whose per-layer curves are overlaid."),
+    no_publish: bool = typer.Option(False, "--no-publish", help="Do not save figures and notes into the study."),
+    refresh: float = typer.Option(30.0, min=0, help="Seconds between checks for new trials to re-save figures (0: never)."),
+) -> None:
+    """Serve optuna-dashboard on a study's storage, with mergesearch's figures (docs/dashboard.md)."""
+    from mergesearch.dashboard.server import dashboard_command
+
+    _quiet_libraries()
+    dashboard_command(study, storage, name, host=host, port=port, top=top, publish=not no_publish,
+                      refresh_s=refresh, console=console, err_console=err_console)
+
+
+@app.command()
 def demo(
     trials: Optional[int] = typer.Option(None, "--n-trials", help="Search trials (default: the demo study's budget)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display."),
