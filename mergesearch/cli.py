@@ -232,6 +232,10 @@ def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
                       highlight=False)
     if outcome.interrupted:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume the study.")
+    else:
+        console.print(f"next: [bold]mergesearch dashboard {study_path}[/bold] to inspect the trials, "
+                      f"[bold]mergesearch export {study_path} OUT[/bold] for the winner's YAML, checkpoint "
+                      "and model card", highlight=False)
 
 
 @app.command()
