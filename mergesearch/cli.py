@@ -160,6 +160,7 @@ def eval_cmd(
         raise ConfigError(f"--split {split!r} is not one of proxy, held_out, both.")
     if backend not in ("transformers", "vllm"):
         raise ConfigError(f"--backend {backend!r} is not one of transformers, vllm.")
+    _quiet_libraries()
     loaded = load_tasks(tasks, [tasks_dir], confirm_run_unsafe_code)
     if backend == "vllm":
         from mergesearch.eval.vllm import VLLMEngine
@@ -191,11 +192,14 @@ def eval_cmd(
 
 
 def _quiet_libraries() -> None:
-    """Keep Optuna's and transformers' own chatter out of the study display."""
+    """Keep Optuna's, transformers' and vLLM's own chatter out of the study display."""
     import logging
+    import os
     import warnings
 
     import optuna
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
