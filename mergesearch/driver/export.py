@@ -438,6 +438,7 @@ def _check_replace(out: Path, protected: Sequence[tuple[str, Path]]) -> None:
     """Refuse to replace (--force) a folder that holds a source, the storage or the study file."""
     if not out.exists():
         return
+    out = out.resolve()  # OUT given as SRC/../x, or through a symlink, must not slip past the check
     for what, p in protected:
         try:
             rp = p.resolve()
@@ -509,7 +510,7 @@ def export_study(
 
     log = log or (lambda _m: None)
     study = opened.study
-    out = Path(out_dir).absolute()
+    out = Path(os.path.abspath(out_dir))  # `x/missing/../y` is `x/y`, so the checks below see it
     if out.exists() and not force:
         raise OutputError(f"Output folder {out} already exists; choose another path or pass --force to replace "
                           "it (the old one stays until the new one is complete).")

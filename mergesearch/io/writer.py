@@ -148,7 +148,9 @@ class AtomicDir:
     """A folder that appears at `dest` complete, or not at all."""
 
     def __init__(self, dest: Union[str, Path], force: bool = False):
-        self.dest = Path(dest).absolute()
+        # abspath, not absolute(): `a/missing/../b` is `a/b`; left as is, exists() is False for it and the
+        # existing `a/b` would be replaced without --force (or a source through --force)
+        self.dest = Path(os.path.abspath(dest))
         self.force = force
         if self.dest.exists() and not force:
             raise OutputError(

@@ -8,6 +8,7 @@ the output shards. The output folder appears complete or not at all.
 from __future__ import annotations
 
 import json
+import os
 import resource
 from collections import Counter
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from mergesearch.errors import CheckpointError, ConfigError
+from mergesearch.errors import CheckpointError, ConfigError, OutputError
 from mergesearch.io.card import model_card
 from mergesearch.io.checkpoint import FLOAT_DTYPES, Checkpoint, open_checkpoints
 from mergesearch.io.writer import (
@@ -204,6 +205,12 @@ def run_merge(
 ) -> MergeReport:
     """Merge `plan` into a new checkpoint folder at `out_dir` (atomically)."""
     merger = Merger(plan, base_dir=base_dir, device=device, seed=seed)
+    dest = Path(os.path.abspath(out_dir)).resolve()
+    for ckpt in merger.ckpts.values():
+        src = ckpt.path.resolve()
+        if dest.exists() and (src == dest or dest in src.parents):
+            raise OutputError(f"Output folder {out_dir} holds the source {ckpt.path}; --force would delete it. "
+                              "Choose another output folder.")
     report = MergeReport()
     out_dtype = merger.out_dtype_name()
     st_dtype = TORCH_TO_ST[out_dtype]
