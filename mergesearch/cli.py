@@ -218,6 +218,7 @@ def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
     from mergesearch.driver.config import load_study
     from mergesearch.driver.driver import prepare, run_study
     from mergesearch.driver.report import Progress, leaderboard, render_leaderboard
+    from mergesearch.driver.storage import mask_url
 
     _quiet_libraries()
     sf = load_study(study_path)
@@ -225,7 +226,7 @@ def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
     c = sf.config
     console.print(f"study [bold]{c.name}[/bold]: {c.method} over {len(prep.ctx.models)} models, space "
                   f"{c.space}, sampler {c.sampler.name}, pruner {c.pruner.name}, tasks "
-                  f"{', '.join(prep.task_names)}; storage {prep.storage_url}", highlight=False)
+                  f"{', '.join(prep.task_names)}; storage {mask_url(prep.storage_url)}", highlight=False)
     total = n_trials if n_trials is not None else c.budget.trials
     with Progress(console, total, c.budget.wall_time, prep.task_names, live=False if quiet else None) as progress:
         outcome = run_study(sf, n_trials=n_trials, log=progress.log, update=progress.update, prepared=prep)
