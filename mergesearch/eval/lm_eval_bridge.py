@@ -580,13 +580,11 @@ class LmEvalTask:
         return self.scorer.metric
 
     def examples(self, split: str = "proxy") -> tuple[LmEvalExample, ...]:
-        if split not in self.splits:
-            have = ", ".join(sorted(self.splits))
-            raise ConfigError(
-                f"Task {self.name!r} has no {split!r} split (it has: {have}); add `{split}: N` (a number of "
-                f"docs after the proxy docs) to the lm_eval block of {self.path or 'the task file'}."
-            )
-        return self.splits[split]
+        from mergesearch.eval.tasks import split_examples
+
+        fix = (f"add `{split}: N` (a number of docs after the proxy docs) to the lm_eval block of "
+               f"{self.path or 'the task file'}")
+        return split_examples(self.splits, split, self.name, fix)
 
 
 def _target_text(task: Any, doc: Any) -> Any:

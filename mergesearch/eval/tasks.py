@@ -167,13 +167,8 @@ class Task:
         return self.spec.name
 
     def examples(self, split: str = "proxy") -> tuple[Example, ...]:
-        if split not in self.splits:
-            have = ", ".join(sorted(self.splits))
-            raise ConfigError(
-                f"Task {self.name!r} has no {split!r} split (it has: {have}); add "
-                f"`data: {{{split}: FILE.jsonl}}` to {self.path or 'the task file'}."
-            )
-        return self.splits[split]
+        where = self.path or "the task file"
+        return split_examples(self.splits, split, self.name, f"add `data: {{{split}: FILE.jsonl}}` to {where}")
 
     def render_prompt(self, data: Mapping[str, Any]) -> str:
         """The prompt for raw example fields, with this task's few-shot prefix."""
@@ -208,6 +203,13 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     if not rows:
         raise ConfigError(f"Data file {path} has no examples; add one JSON object per line.")
     return rows
+
+
+def split_examples(splits: Mapping[str, tuple[Any, ...]], split: str, task: str, fix: str) -> tuple[Any, ...]:
+    """A task's examples of ``split``, or a ConfigError naming the splits it has and the ``fix``."""
+    if split not in splits:
+        raise ConfigError(f"Task {task!r} has no {split!r} split (it has: {', '.join(sorted(splits))}); {fix}.")
+    return splits[split]
 
 
 def _parse_spec(raw: Any, source: str) -> TaskSpec:
