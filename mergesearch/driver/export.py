@@ -168,7 +168,9 @@ def select_trials(study: optuna.Study, lb: Leaderboard, mode: str, number: Optio
             + ", ".join(f"{v} {k}" for k, v in c.items() if v) + "). Run it (mergesearch run STUDY.yaml) "
             "and export once a trial has completed.")
     if mode == "best":
-        assert lb.best is not None
+        if lb.best is None:
+            raise ConfigError(f"Study {study.study_name!r} has no best trial (no complete trial has a finite "
+                              f"score); export one with --trial N (complete: {ranges(list(complete))}).")
         return [lb.best]
     if lb.pareto:
         return [complete[n] for n in lb.pareto if n in complete]
