@@ -186,28 +186,6 @@ def _explained(plan: Any, names: Mapping[str, str]) -> tuple[list[Curve], list[A
     return curves, edges, "layer", ""
 
 
-def _filters(plan: Any) -> list[str]:
-    from mergesearch.plan import Conditional
-
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Conditional):
-            if node.filter not in (None, "*") and node.filter not in found:
-                found.append(node.filter)
-        elif isinstance(node, (tuple, list)):
-            for e in node:
-                walk(e)
-
-    scopes = [plan.parameters, *(m.parameters for m in plan.models or ())]
-    for s in plan.slices or ():
-        scopes += [s.parameters, *(src.parameters for src in s.sources)]
-    for scope in scopes:
-        for setting in (scope or {}).values():
-            walk(setting)
-    return found
-
-
 def _breakpoints(plan: Any) -> list[float]:
     """Layer fractions where some gradient of the plan has a control point (at least 0 and 1)."""
     lengths = {2}
@@ -235,7 +213,9 @@ def _probed(plan: Any, spec: Any, names: Mapping[str, str]) -> tuple[list[Curve]
 
     if not plan.models:
         return [], []
-    filters = _filters(plan)
+    from mergesearch.spaces.base import plan_filters
+
+    filters = plan_filters(plan)
     edge_only = [f for f in filters if any(f in e for e in _EDGE_PROBES) and not any(f in p for p in _LAYER_PROBES)]
     layer_filters = [f for f in filters if f not in edge_only]
     probes = [(f, f"model.layers.0.{f}.weight") for f in layer_filters]

@@ -279,13 +279,14 @@ def lookup(plan: MergePlan, param: str, model: str | None, tensor: str, t: float
     return resolve(spec, scopes, tensor, t, model)
 
 
-def _filters(plan: MergePlan) -> set[str]:
-    found: set[str] = set()
+def plan_filters(plan: MergePlan) -> list[str]:
+    """The tensor filters a plan's conditional parameters name, in order of first appearance."""
+    found: list[str] = []
 
     def walk(node: Any) -> None:
         if isinstance(node, Conditional):
-            if node.filter not in (None, "*"):
-                found.add(node.filter)
+            if node.filter not in (None, "*") and node.filter not in found:
+                found.append(node.filter)
         elif isinstance(node, (tuple, list)):
             for e in node:
                 walk(e)
@@ -363,7 +364,7 @@ def equivalent(a: MergePlan, b: MergePlan, ctx: SpaceContext) -> bool:
     if a.merge_method != b.merge_method or set(a.referenced_models()) != set(b.referenced_models()):
         return False
     try:
-        filters = _filters(a) | _filters(b)
+        filters = set(plan_filters(a)) | set(plan_filters(b))
         va = resolved_values(a, ctx.num_layers, filters)
         vb = resolved_values(b, ctx.num_layers, filters)
     except ConfigError:
