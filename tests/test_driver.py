@@ -300,3 +300,32 @@ def test_cli_run_and_status(tmp_path, zoo_dir, capsys):
     assert main(["status", "--storage", f"sqlite:///{path.parent / 'out' / 'study.db'}", "--study", "nope"]) == 2
     assert "Unknown study 'nope'" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_trial_whose_eval_scores_nan_fails_with_the_reason_and_is_never_best(tmp_path, zoo_dir, monkeypatch):
+    """Fault injection: the second proxy eval of the study returns NaN scores."""
+    import dataclasses
+
+    from mergesearch.eval import runner
+
+    real = runner.evaluate_interleaved
+    calls = []
+
+    def nan_on_second_call(*args, **kwargs):
+        results = real(*args, **kwargs)
+        calls.append(kwargs.get("split", args[2] if len(args) > 2 else "proxy"))
+        if len(calls) == 2:
+            results = [dataclasses.replace(r, scores=tuple(float("nan") for _ in r.scores)) for r in results]
+        return results
+
+    monkeypatch.setattr(runner, "evaluate_interleaved", nan_on_second_call)
+    path = write_study(tmp_path / "s", zoo_dir, budget={"trials": 3}, baselines=False, top_k=3)
+    outcome = run_study(load_study(path))
+    study, _ = stored(path)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert [t.number for t in failed] == [1]
+    assert "NaN" in failed[0].user_attrs["error"]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.number for t in complete] == [0, 2], "the study goes on; the failed trial counts in the budget"
+    assert outcome.best_trial != 1 and outcome.best_trial in {t.number for t in complete}
+    assert "held_out:1" not in study.user_attrs
