@@ -121,33 +121,20 @@ def loglikelihood_ids(
 
 
 def check_model_dir(path: Any, backend: str) -> dict[str, Any]:
-    """A model folder's config.json, refusing folders an engine cannot or must not load.
-
-    Refused: no config.json, unreadable JSON, and models whose code lives in the folder
-    (``auto_map``): running it would need ``trust_remote_code``, which mergesearch never sets.
-    """
-    import json
+    """A model folder's config.json (``io.checkpoint.read_model_config``), its refusals prefixed
+    with the backend; a model that ships its own code (``auto_map``) is refused as unsafe:
+    running it would need ``trust_remote_code``, which mergesearch never sets."""
     from pathlib import Path
 
     from mergesearch.errors import CheckpointError, UnsafeCheckpointError
+    from mergesearch.io.checkpoint import read_model_config
 
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{str(path)!r} is not a model folder (no config.json).")
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{backend} cannot load {str(path)!r}: config.json is not valid JSON ({err}).") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{backend} cannot load {str(path)!r}: config.json is not a JSON object.")
-    if config.get("auto_map"):
-        raise UnsafeCheckpointError(
-            f"{str(path)!r} ships its own model code (config.json has auto_map), which would need "
-            "trust_remote_code; mergesearch never runs code from a checkpoint. Use a model whose "
-            "architecture your transformers/vLLM version supports natively."
-        )
-    return config
+        return read_model_config(Path(path))
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as err:
+        raise CheckpointError(f"{backend} cannot load {str(path)!r}: {err}") from None
 
 
 class WeightLoad:

@@ -104,6 +104,27 @@ def layer_index(name: str) -> Optional[int]:
     return int(m.group("index")) if m else None
 
 
+def read_model_config(path: Path) -> dict[str, Any]:
+    """A model folder's config.json; refused when missing, not a JSON object, or when the model
+    ships its own code (``auto_map``, which would need trust_remote_code)."""
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; it is not a model folder.")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object.")
+    if config.get("auto_map"):
+        raise UnsafeCheckpointError(
+            f"{path} needs trust_remote_code (its config.json has `auto_map`, i.e. it "
+            "runs code shipped with the weights). mergesearch never runs such code; use an "
+            "architecture that transformers implements natively."
+        )
+    return config
+
+
 class Checkpoint:
     """A local Hugging Face model folder holding safetensors weights."""
 
@@ -125,22 +146,7 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r})"
 
     def _read_config(self) -> dict[str, Any]:
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{self.path} has no config.json; it is not a model folder.")
-        try:
-            config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {err}") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{cfg_path} must hold a JSON object.")
-        if config.get("auto_map"):
-            raise UnsafeCheckpointError(
-                f"{self.path} needs trust_remote_code (its config.json has `auto_map`, i.e. it "
-                "runs code shipped with the weights). mergesearch never runs such code; use an "
-                "architecture that transformers implements natively."
-            )
-        return config
+        return read_model_config(self.path)
 
     def _read_index(self) -> dict[str, TensorInfo]:
         index_path = self.path / INDEX_FILE
