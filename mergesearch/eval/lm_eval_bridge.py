@@ -56,7 +56,6 @@ import difflib
 import functools
 import logging
 import math
-import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 #: Metrics mapped to ``exp(loglikelihood / count)`` = 1 / the doc's perplexity, in (0, 1].
 PERPLEXITY_METRICS = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
@@ -138,12 +136,9 @@ class LmEvalTaskSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not _NAME_RE.match(name):
-            raise ValueError(
-                f"task name {name!r} must start with a letter or digit and use only letters, "
-                "digits, '_', '-' and '.'"
-            )
-        return name
+        from mergesearch.eval.tasks import check_task_name
+
+        return check_task_name(name)
 
 
 def _parse_spec(raw: Any, source: str) -> LmEvalTaskSpec:
@@ -212,11 +207,16 @@ def _looks_like_path(ref: str) -> bool:
     return ref.endswith(_YAML_SUFFIXES) or "/" in ref or "\\" in ref
 
 
+def _beside(base_dir: Path, ref: str) -> Path:
+    """``ref`` (``~`` expanded) as is when absolute, else relative to the task file's folder."""
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
 def _check_include_paths(paths: Sequence[str], base_dir: Path, source: str) -> tuple[str, ...]:
     out = []
     for p in paths:
-        path = Path(p).expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = _beside(base_dir, p)
         if not path.is_dir():
             raise ConfigError(
                 f"{source}: include_path {p!r} is not a folder ({path} does not exist); it must be a "
@@ -232,8 +232,7 @@ def _find_entry(ref: str, include_paths: tuple[str, ...], base_dir: Path, source
     from lm_eval.tasks._index import TaskIndex
 
     if _looks_like_path(ref):
-        path = Path(ref).expanduser()
-        path = path if path.is_absolute() else base_dir / path
+        path = _beside(base_dir, ref)
         if not path.is_file():
             raise ConfigError(
                 f"{source}: lm-eval task file {ref!r} does not exist ({path}); give a path relative "

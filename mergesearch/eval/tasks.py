@@ -52,6 +52,16 @@ SPLITS = ("proxy", "held_out")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def check_task_name(name: str) -> str:
+    """``name`` if it is a valid task name, else a ValueError saying what a name may hold."""
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"task name {name!r} must start with a letter or digit and use only letters, "
+            "digits, '_', '-' and '.'"
+        )
+    return name
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -97,12 +107,7 @@ class TaskSpec(_Frozen):
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str) -> str:
-        if not _NAME_RE.match(name):
-            raise ValueError(
-                f"task name {name!r} must start with a letter or digit and use only letters, "
-                "digits, '_', '-' and '.'"
-            )
-        return name
+        return check_task_name(name)
 
 
 @dataclass(frozen=True)
