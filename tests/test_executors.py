@@ -103,14 +103,28 @@ def executor(request):
     return ex
 
 
+_BACKLOG: dict[int, list] = {}
+
+
+def _events(ex, timeout: float) -> list:
+    """Events not yet handed to a test first (one poll can return several), then a fresh poll."""
+    held = _BACKLOG.pop(id(ex), [])
+    return held or ex.poll(timeout)
+
+
 def until(ex, want, on_progress=lambda e: False, limit=LIMIT):
-    """Poll until ``want(event)``; progress events are answered by ``on_progress`` (stop or not)."""
+    """Poll until ``want(event)``; progress events are answered by ``on_progress`` (stop or not).
+    Events after the awaited one are kept for the next call: dropping a progress event would leave
+    its worker waiting for an answer forever."""
     seen = []
     deadline = time.time() + limit
     while time.time() < deadline:
-        for e in ex.poll(0.5):
+        events = _events(ex, 0.5)
+        for i, e in enumerate(events):
             seen.append(e)
             if want(e):
+                if events[i + 1:]:
+                    _BACKLOG[id(ex)] = events[i + 1:]
                 return e
             if e.kind == "progress":
                 ex.reply(e.key, on_progress(e))
@@ -121,7 +135,7 @@ def settle(ex, limit=LIMIT):
     """Wait until every worker is idle again (after a restart), answering stray events."""
     deadline = time.time() + limit
     while time.time() < deadline and ex.idle() < WORKERS:
-        for e in ex.poll(0.5):
+        for e in _events(ex, 0.5):
             if e.kind == "progress":
                 ex.reply(e.key, False)
     assert ex.idle() == WORKERS, "the pool was not restored"
