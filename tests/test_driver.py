@@ -302,6 +302,77 @@ def test_cli_run_and_status(tmp_path, zoo_dir, capsys):
     assert main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
+def _hang_second_eval(monkeypatch):
+    """Fault injection: the second proxy eval of the process blocks until the returned event is set."""
+    import threading
+
+    from mergesearch.eval import runner
+
+    real = runner.evaluate_interleaved
+    release = threading.Event()
+    calls = []
+
+    def hang_on_second_call(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            release.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "evaluate_interleaved", hang_on_second_call)
+    return release
+
+
+def test_a_hung_eval_on_the_local_executor_times_out_and_the_study_goes_on(tmp_path, zoo_dir, monkeypatch):
+    release = _hang_second_eval(monkeypatch)
+    path = write_study(tmp_path / "s", zoo_dir, budget={"trials": 3}, baselines=False, top_k=1,
+                       executor={"kind": "local", "workers": 1, "trial_timeout": 3})
+    logs: list[str] = []
+    try:
+        outcome = run_study(load_study(path), log=logs.append)
+    finally:
+        release.set()
+    study, _ = stored(path)
+    trials = study.get_trials()
+    hung = trials[1]
+    assert hung.state == TrialState.FAIL and "trial_timeout (3s)" in hung.user_attrs["error"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == hung.params
+    assert retry[0].user_attrs["worker"] == "local-r1"
+    assert outcome.counts["complete"] == 3 and outcome.counts["retried"] == 1 and outcome.counts["failed"] == 0
+    assert any("trial 1 queued again" in line for line in logs)
+
+
+def test_when_no_worker_can_be_replaced_the_study_stops_with_the_reason_and_keeps_its_trials(
+        tmp_path, zoo_dir, monkeypatch):
+    from mergesearch.workers import executor as executor_module
+
+    release = _hang_second_eval(monkeypatch)
+    real_worker = executor_module.Worker
+    made = []
+
+    def worker_or_out_of_memory(*args, **kwargs):
+        if made:
+            raise MemoryError("cannot allocate the engine")
+        made.append(real_worker(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(executor_module, "Worker", worker_or_out_of_memory)
+    path = write_study(tmp_path / "s", zoo_dir, budget={"trials": 3}, baselines=False, top_k=1,
+                       executor={"kind": "local", "workers": 1, "trial_timeout": 3})
+    logs: list[str] = []
+    try:
+        with pytest.raises(MergeSearchError, match="Every worker is gone") as err:
+            run_study(load_study(path), log=logs.append)
+    finally:
+        release.set()
+    assert "2 trial(s) of its budget left" in str(err.value)
+    assert any("local-r1 failed to start: MemoryError: cannot allocate the engine" in line for line in logs)
+    study, _ = stored(path)
+    states = [t.state for t in study.get_trials()]
+    assert states[:2] == [TrialState.COMPLETE, TrialState.FAIL], "the finished trial is kept"
+    assert TrialState.RUNNING not in states
+
+
 def test_a_trial_whose_eval_scores_nan_fails_with_the_reason_and_is_never_best(tmp_path, zoo_dir, monkeypatch):
     """Fault injection: the second proxy eval of the study returns NaN scores."""
     import dataclasses

@@ -24,6 +24,7 @@ from test_driver import write_study
 TINY = ZooConfig(base_steps=3, expert_steps=2, warmup_steps=1, verify=False, verify_limit=2, threads=1)
 WORKERS = 2
 LIMIT = 120.0
+KILLS = 2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -220,6 +221,66 @@ def test_every_worker_is_used_at_once(executor, plan):
     assert len(done) == WORKERS
 
 
+def test_a_local_job_past_trial_timeout_fails_and_its_worker_is_replaced(setup, plan, reference):
+    """The eval waits forever for the driver's answer to its progress report (a hung eval): the job
+    fails as a worker failure at the time-out, the worker stops at its next round and frees its
+    engine, and a fresh worker scores the next job like the reference."""
+    ex = LocalExecutor(setup, 1, trial_timeout=2.0)
+    ex.start()
+    try:
+        ex.submit(Job("hung", plan, report=True))
+        first = until(ex, lambda e: e.kind == "progress")
+        old = ex._workers[0]
+        started = time.time()
+        e = until(ex, lambda e: e.kind == "failed", limit=30)
+        assert e.key == "hung" and e.infra and e.worker == old.name
+        assert "trial_timeout (2s)" in e.error and "local-r1 replaces it" in e.error
+        assert time.time() - started < 10
+        assert ex.idle() == 1 and ex.running() == []
+        ex.reply(first.key, False)
+        ex.submit(Job("after", plan, seed=3))
+        done = until(ex, lambda e: e.kind != "progress")
+        assert done.kind == "done" and done.result.worker == "local-r1"
+        assert done.result.scores == reference.scores
+        assert old not in ex._workers and len(ex._workers) == 1
+    finally:
+        ex.close()
+
+
+def test_a_local_worker_stuck_in_one_call_is_abandoned_and_its_late_result_dropped(setup, plan, reference):
+    """Fault injection: the worker's merge blocks until released. The job fails
+    at the time-out; the replacement serves the next job; when the stuck call returns, its result is
+    dropped (no event for the failed job) and the old worker's thread ends."""
+    ex = LocalExecutor(setup, 1, trial_timeout=2.0)
+    ex.start()
+    release = threading.Event()
+    stuck = ex._workers[0]
+    real = stuck.materialise
+
+    def blocked(*args, **kwargs):
+        release.wait(60)
+        return real(*args, **kwargs)
+
+    stuck.materialise = blocked
+    try:
+        ex.submit(Job("stuck", plan))
+        e = until(ex, lambda e: e.kind == "failed", limit=30)
+        assert e.key == "stuck" and e.infra and "trial_timeout" in e.error
+        ex.submit(Job("next", plan, seed=3))
+        done = until(ex, lambda e: e.kind != "progress")
+        assert done.key == "next" and done.kind == "done" and done.result.worker == "local-r1"
+        assert done.result.scores == reference.scores
+        release.set()
+        thread = next(t for t in ex._threads if t.name == f"mergesearch-{stuck.name}")
+        thread.join(60)
+        assert not thread.is_alive(), "the abandoned worker's thread ends once its call returns"
+        assert [ev for ev in _events(ex, 1.0) if ev.key == "stuck"] == []
+        assert stuck not in ex._workers and ex.idle() == 1
+    finally:
+        release.set()
+        ex.close()
+
+
 @pytest.mark.parametrize("kind", ["local", pytest.param("ray", marks=pytest.mark.integration)])
 def test_close_stops_the_workers(kind, setup, plan, request):
     if kind == "local":
@@ -400,7 +461,7 @@ def test_make_executor_builds_both_kinds(setup):
 
 
 @pytest.mark.integration
-def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster, monkeypatch):
+def test_a_study_on_ray_survives_workers_killed_several_times(tmp_path, zoo_dir, ray_cluster, monkeypatch):
     from mergesearch.driver.config import load_study
     from mergesearch.driver.driver import run_study
     from mergesearch.workers import executor as executor_module
@@ -413,16 +474,17 @@ def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster,
         return made[-1]
 
     monkeypatch.setattr(executor_module, "make_executor", spy)
-    path = write_study(tmp_path / "s", zoo_dir, executor={"kind": "ray", "workers": 2}, budget={"trials": 4},
+    path = write_study(tmp_path / "s", zoo_dir, executor={"kind": "ray", "workers": 2}, budget={"trials": 5},
                        evals={"tasks": ["perplexity", "order"], "proxy_limit": 24, "held_out_limit": 2,
                               "chunk_size": 2}, top_k=1, baselines=False)
     url = f"sqlite:///{path.parent / 'out' / 'study.db'}"
-    killed: dict = {}
+    killed: list[dict] = []
     stop = threading.Event()
 
     def assassin():
-        """SIGKILL the actor of a RUNNING search trial once another trial has finished."""
-        while not stop.is_set():
+        """SIGKILL the actor of a RUNNING search trial (not a retry) once another trial has
+        finished, KILLS times, each time a trial that finished after the previous kill."""
+        while not stop.is_set() and len(killed) < KILLS:
             time.sleep(0.05)
             if not made or not hasattr(made[0], "busy"):
                 continue
@@ -431,7 +493,10 @@ def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster,
             except Exception:  # noqa: BLE001 - the study may not exist yet
                 continue
             done = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
-            running = {t.number for t in trials if t.state == TrialState.RUNNING}
+            running = {t.number for t in trials
+                       if t.state == TrialState.RUNNING and t.user_attrs.get("retry_of") is None}
+            if killed and not set(done) - set(killed[-1]["finished"]):
+                continue
             for key, (_name, pid) in made[0].busy().items():
                 if not (done and key.startswith("s:") and int(key[2:]) in running):
                     continue
@@ -441,9 +506,9 @@ def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster,
                 except Exception:  # noqa: BLE001 - the actor moved on; look again
                     continue
                 if inside == [key]:
-                    killed.update(number=int(key[2:]), pid=pid, finished=done)
+                    killed.append({"number": int(key[2:]), "pid": pid, "finished": done})
                     os.kill(pid, signal.SIGKILL)
-                    return
+                    break
 
     watcher = threading.Thread(target=assassin, daemon=True)
     watcher.start()
@@ -453,19 +518,20 @@ def test_a_study_on_ray_survives_a_killed_worker(tmp_path, zoo_dir, ray_cluster,
     finally:
         stop.set()
         watcher.join(timeout=10)
-    assert killed, "no trial was running on an actor after a first one finished"
+    assert len(killed) == KILLS, f"only {len(killed)} kill(s): no trial was running on an actor in time"
     assert sum("shared via object store" in line for line in logs) == 2
     trials = optuna.load_study(study_name="t", storage=url).get_trials()
-    for n, values in killed["finished"].items():
-        assert trials[n].state == TrialState.COMPLETE and trials[n].values == values
-    victim = trials[killed["number"]]
-    assert victim.state == TrialState.FAIL
-    assert "died" in victim.user_attrs["error"] and str(killed["pid"]) in victim.user_attrs["error"]
-    retries = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-    assert retries[0].params == victim.params
-    assert outcome.counts["complete"] == 4 and outcome.counts["retried"] == 1 and outcome.counts["failed"] == 0
+    for kill in killed:
+        for n, values in kill["finished"].items():
+            assert trials[n].state == TrialState.COMPLETE and trials[n].values == values, "a finished trial changed"
+        victim = trials[kill["number"]]
+        assert victim.state == TrialState.FAIL
+        assert "died" in victim.user_attrs["error"] and str(kill["pid"]) in victim.user_attrs["error"]
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        assert retries[0].params == victim.params
+        assert any(f"trial {victim.number} queued again" in line for line in logs)
+    assert outcome.counts["complete"] == 5 and outcome.counts["retried"] == KILLS and outcome.counts["failed"] == 0
     assert all(t.user_attrs["worker"].startswith("ray-") for t in trials if t.state == TrialState.COMPLETE)
-    assert any(f"trial {victim.number} queued again" in line for line in logs)
     assert outcome.best_dir is not None and (outcome.best_dir / "config.json").is_file()
     assert not made[0].slots, "the executor was not closed"

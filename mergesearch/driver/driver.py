@@ -332,11 +332,13 @@ class Driver:
         in_flight = sum(1 for r in self.running.values() if r.study is self.study)
         return self.total - counts["finished"] - in_flight
 
+    def _baseline_waiting(self) -> bool:
+        return any(t.state == TrialState.WAITING for t in self.baselines.get_trials(deepcopy=False))
+
     def _next_job(self) -> Optional[Any]:
         from mergesearch.workers.worker import Job
 
-        pending_baseline = any(t.state == TrialState.WAITING for t in self.baselines.get_trials(deepcopy=False))
-        if pending_baseline:
+        if self._baseline_waiting():
             trial = self.baselines.ask()
             return self._start(self.baselines, trial, trial.user_attrs.get("plan", ""), "baseline", Job)
         if self._search_budget_left() <= 0:
@@ -455,14 +457,22 @@ class Driver:
         wall = self.c.budget.wall_time
         while True:
             out_of_time = wall is not None and time.time() - started > wall
-            if not self.stop_requested and not out_of_time:
+            more = not self.stop_requested and not out_of_time
+            if more:
                 while executor.idle() > 0:
                     job = self._next_job()
                     if job is None:
                         break
                     executor.submit(job)
+                more = self._search_budget_left() > 0 or self._baseline_waiting()
             if not self.running:
-                return
+                if not more:
+                    return
+                if executor.capacity() == 0:
+                    raise MergeSearchError(
+                        "Every worker is gone and none could be started again, so the study stops with "
+                        f"{self._search_budget_left()} trial(s) of its budget left; the log above says why "
+                        "(memory, a broken engine). Fix that, then run the study again to resume it.")
             for event in executor.poll(timeout=0.5):
                 if event.kind == "progress":
                     executor.reply(event.key, self.interrupts > 1 or self._on_progress(event))
@@ -470,6 +480,8 @@ class Driver:
                     self._on_done(event)
                 elif event.kind == "failed":
                     self._on_failed(event)
+                elif event.kind == "log":
+                    self.reporter.log(event.error)
             if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES and not self.stop_requested:
                 self.stop_requested = True
                 self.failed_out = True
@@ -541,6 +553,9 @@ def finish(driver: Driver, executor: Any, log: Callable[[str], None]) -> tuple[O
         for event in executor.poll(timeout=0.5):
             if event.kind == "progress":
                 executor.reply(event.key, False)
+                continue
+            if event.kind == "log":
+                log(event.error)
                 continue
             study, t = pending.pop(event.key)
             if event.kind == "failed":

@@ -508,6 +508,9 @@ class RayExecutor:
     def running(self) -> list[str]:
         return [s.job.key for s in self.slots if s.job is not None] + [j.key for j in self.pending]
 
+    def capacity(self) -> int:
+        return sum(s.state != "retired" for s in self.slots)
+
     def busy(self) -> dict[str, tuple[str, int]]:
         """Running job key -> (worker name, actor pid), for monitoring and tests."""
         return {s.job.key: (s.name, s.pid) for s in self.slots if s.job is not None}
