@@ -210,6 +210,7 @@ class StudyOutcome:
     best_dir: Optional[Path]
     interrupted: bool
     counts: dict[str, int]
+    latency: dict[str, list[float]] = field(default_factory=dict)
 
 
 class _Reporter:
@@ -270,6 +271,7 @@ class Driver:
         self.last_error = ""
         self.offsets: dict[str, int] = {}
         self.proxy_totals: dict[str, int] = {}
+        self.latency: dict[str, list[float]] = {"ask": [], "tell": []}
 
     # -- set up -------------------------------------------------------------------------------
 
@@ -459,10 +461,12 @@ class Driver:
             out_of_time = wall is not None and time.time() - started > wall
             more = not self.stop_requested and not out_of_time
             if more:
-                while executor.idle() > 0:
+                for _ in range(executor.idle()):
+                    t0 = time.perf_counter()
                     job = self._next_job()
                     if job is None:
                         break
+                    self.latency["ask"].append(time.perf_counter() - t0)
                     executor.submit(job)
                 more = self._search_budget_left() > 0 or self._baseline_waiting()
             if not self.running:
@@ -476,10 +480,10 @@ class Driver:
             for event in executor.poll(timeout=0.5):
                 if event.kind == "progress":
                     executor.reply(event.key, self.interrupts > 1 or self._on_progress(event))
-                elif event.kind == "done":
-                    self._on_done(event)
-                elif event.kind == "failed":
-                    self._on_failed(event)
+                elif event.kind in ("done", "failed"):
+                    t0 = time.perf_counter()
+                    (self._on_done if event.kind == "done" else self._on_failed)(event)
+                    self.latency["tell"].append(time.perf_counter() - t0)
                 elif event.kind == "log":
                     self.reporter.log(event.error)
             if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES and not self.stop_requested:
@@ -653,6 +657,8 @@ def run_study(
         with Heartbeat(driver.storage) as hb:
             driver.heartbeat = hb
             driver.loop(executor, started)
+            if driver.latency["tell"]:
+                reporter.log(latency_line(driver.latency))
             if getattr(driver, "failed_out", False):
                 raise StudyFailedError(
                     f"{MAX_CONSECUTIVE_FAILURES} trials in a row failed; the last error: {driver.last_error}. "
@@ -666,7 +672,25 @@ def run_study(
         _restore_sigint(previous)
         executor.close()
     return StudyOutcome(driver.study, driver.baselines, prep.storage_url, study_file.output_dir,
-                        best_number, best_dir, driver.interrupts > 0, _counts(driver.study))
+                        best_number, best_dir, driver.interrupts > 0, _counts(driver.study), driver.latency)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between order statistics."""
+    xs = sorted(values)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def latency_line(latency: Mapping[str, Sequence[float]]) -> str:
+    """The driver's own time per trial: asking the sampler (and storing the trial) and telling the result."""
+    parts = [f"{name} p50 {percentile(xs, 50) * 1e3:.1f} ms, p99 {percentile(xs, 99) * 1e3:.1f} ms"
+             for name, xs in latency.items() if xs]
+    return f"driver time per trial: {'; '.join(parts)} (over {len(latency.get('tell', ()))} results)"
 
 
 def _install_sigint(driver: Driver, reporter: _Reporter) -> Any:
