@@ -74,6 +74,8 @@ def format_validation(err: Any) -> str:
             else:
                 loc.append(("." if loc else "") + part)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
         lines.append(f"{''.join(loc) or 'config'}: {msg}")
     return "; ".join(dict.fromkeys(lines))
 

@@ -403,7 +403,7 @@ def test_bad_target_template(tmp_path: Path) -> None:
     [
         ({"strip": "perhaps"}, ("scorer 'exact_match' settings", "strip:", "boolean")),
         ({"ignore_case": [1]}, ("ignore_case:",)),
-        ({"strp": True}, ("scorer 'exact_match' settings", "strp", "Extra inputs are not permitted")),
+        ({"strp": True}, ("scorer 'exact_match' settings", "strp: unknown key; remove it or check its spelling")),
     ],
 )
 def test_bad_scorer_settings(tmp_path: Path, settings: dict, fragments: tuple[str, ...]) -> None:

@@ -118,6 +118,9 @@ class BudgetConfig(_Frozen):
     wall_time: Duration = None
 
 
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+
+
 class ExecutorConfig(_Frozen):
     """Where trials run: ``local`` (in this process) or ``ray`` (actors; ``address`` joins a cluster)."""
 
@@ -144,7 +147,7 @@ class EngineConfig(_Frozen):
 class StudyConfig(_Frozen):
     """A study file. See docs/studies.md for every key."""
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    name: str
     sources: SourcesConfig
     method: str
     space: str
@@ -162,6 +165,16 @@ class StudyConfig(_Frozen):
     start_from: tuple[str, ...] = ()
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     write_checkpoint: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not STUDY_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a plain study name; use letters, digits and _ . : - only, starting with a "
+                "letter or digit (no slashes or spaces: the name is a storage key and part of output paths), "
+                "e.g. name: my-study")
+        return value
 
     @field_validator("sampler", "pruner", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mergesearch.errors import ConfigError, MergeSearchError
+from mergesearch.errors import ConfigError, MergeSearchError, OutputError
 
 __all__ = ["ZooConfig", "ZooResult", "build_zoo", "load_zoo_config", "default_evals_dir", "SOURCE_TASKS"]
 
@@ -43,10 +43,10 @@ class ZooConfig(BaseModel):
 
     seed: int = 0
     arch: Literal["qwen3", "llama"] = "qwen3"
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 2
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(384, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(2, ge=1)
     head_dim: int = Field(64, ge=64)
     vocab_size: int = 320
     skills: tuple[str, ...] = SOURCE_TASKS
@@ -54,16 +54,16 @@ class ZooConfig(BaseModel):
         default_factory=lambda: {"addition": 1.0, "reverse": 0.7, "format": 0.4, "code": 0.2, "order": 1.0,
                                  "text": 0.15}
     )
-    base_steps: int = 1200
-    expert_steps: int = 300
+    base_steps: int = Field(1200, ge=1)
+    expert_steps: int = Field(300, ge=1)
     expert_steps_scale: dict[str, float] = Field(default_factory=lambda: {"addition": 2.0})
     """Per-skill multiplier of ``expert_steps`` (addition learns slowest)."""
-    batch_size: int = 32
-    base_lr: float = 3e-3
-    expert_lr: float = 1e-3
-    expert_replay: float = 0.25
-    warmup_steps: int = 30
-    threads: int = 2
+    batch_size: int = Field(32, ge=1)
+    base_lr: float = Field(3e-3, gt=0)
+    expert_lr: float = Field(1e-3, gt=0)
+    expert_replay: float = Field(0.25, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    threads: int = Field(2, ge=1)
     verify: bool = True
     verify_limit: Optional[int] = Field(None, ge=1)
     sharded_expert: str = "code"
@@ -370,7 +370,11 @@ def build_zoo(
     hf_logging.disable_progress_bar()
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"Cannot create the zoo folder {str(root)!r}: {err.strerror or err}. "
+                          "Choose another folder: mergesearch zoo DIR.") from None
     if manifest_path.exists():
         manifest_path.unlink()
     tasks = {t.name: t for t in load_tasks([*config.skills, TEXT_TASK], [evals_dir])}
