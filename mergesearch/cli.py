@@ -97,6 +97,33 @@ def methods(name: Optional[str] = typer.Argument(None, help="Show one method's p
     console.print(table)
 
 
+@app.command()
+def calibrate(
+    models: list[Path] = typer.Argument(..., help="Model folders (safetensors) to calibrate."),
+    data: str = typer.Option(..., "--data", help="JSONL file with a `text` field, or an eval task name or file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache folder (default ~/.cache/mergesearch/importance)."),
+    limit: int = typer.Option(64, help="Use the first N texts."),
+    max_length: int = typer.Option(128, help="Cut each text to this many tokens."),
+) -> None:
+    """Activation (Wanda ||X||_2, mean |x|) and diagonal Fisher statistics of each model on the
+    calibration data, cached for the importance-weighted methods (docs/importance.md)."""
+    from mergesearch.errors import ConfigError
+    from mergesearch.merge.importance import calibrate as run_calibration
+    from mergesearch.merge.importance import default_cache_dir, load_data
+
+    _quiet_libraries()
+    if limit < 1 or max_length < 2:
+        raise ConfigError(f"--limit must be >= 1 and --max-length >= 2, got {limit} and {max_length}.")
+    for m in models:
+        if not m.is_dir():
+            raise ConfigError(f"Model folder {str(m)!r} does not exist; give local model folders.")
+    texts = load_data(data, limit, [Path.cwd() / "evals"], Path.cwd())
+    console.print(f"calibration data {texts.source}: {len(texts.texts)} texts, content hash {texts.hash[:16]}")
+    for m in models:
+        path, hit = run_calibration(m, texts, max_length, out or default_cache_dir())
+        console.print(f"{m}: {'cache hit' if hit else 'computed'} -> {path}")
+
+
 @app.command("example-models")
 def example_models(
     out_dir: Path = typer.Argument(Path("examples/models"), help="Where to build them."),
@@ -331,6 +358,7 @@ def export(
 
     from mergesearch.driver.export import export_study, open_study
     from mergesearch.errors import ConfigError
+    from mergesearch.merge.registry import get_method
 
     _quiet_libraries()
     if fmt not in ("text", "json"):
@@ -355,8 +383,10 @@ def export(
                 else ", held-out not scored")
         console.print(f"[green]Exported[/green] trial {e.trial} of study {result.study} to {e.dir}: proxy "
                       f"{e.proxy:.4f}{held}; {e.tensors} tensors, {e.bytes_written / 1e6:.1f} MB", highlight=False)
+        how = (f"mergekit-yaml {e.dir / 'config.yaml'} OUT_DIR" if get_method(e.method).mergekit else
+               f"mergesearch merge {e.dir / 'config.yaml'} OUT_DIR (mergekit cannot reproduce {e.method})")
         console.print(f"  {e.dir / 'config.yaml'} (mergekit YAML), {e.dir / 'README.md'} (model card); "
-                      f"reproduce: mergekit-yaml {e.dir / 'config.yaml'} OUT_DIR", highlight=False)
+                      f"reproduce: {how}", highlight=False)
         if e.random:
             console.print(f"  [yellow]note[/yellow]: {e.method} is random; mergekit draws other masks, so the "
                           f"checkpoint is the authority (mergesearch merge ... --seed {e.seed} reproduces it)",

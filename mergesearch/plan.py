@@ -100,6 +100,29 @@ class OutputSlice(_Frozen):
         return self
 
 
+class Calibration(_Frozen):
+    """mergesearch's extension for importance-weighted methods: the calibration data.
+
+    ``data`` is a JSONL file with a ``text`` field, an eval task file (``.yaml``) or a task name;
+    ``hash`` is the content hash of the calibration texts (checked when given); ``limit`` texts of
+    at most ``max_length`` tokens are used; ``cache`` is the statistics' cache folder. mergekit has
+    no such key: a plan that names it can only be merged by mergesearch.
+    """
+
+    data: str
+    hash: Optional[str] = None
+    limit: int = 64
+    max_length: int = 128
+    cache: Optional[str] = None
+
+    @field_validator("limit", "max_length")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be a positive integer, got {value!r}")
+        return value
+
+
 class MergePlan(_Frozen):
     """A mergekit merge configuration (the subset mergesearch reads, writes and executes)."""
 
@@ -112,6 +135,7 @@ class MergePlan(_Frozen):
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
+    calibration: Optional[Calibration] = None
 
     @model_validator(mode="after")
     def _check(self) -> "MergePlan":

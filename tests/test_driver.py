@@ -263,15 +263,16 @@ def test_missing_sources_name_the_fix(tmp_path, zoo_dir):
         prepare(load_study(path))
 
 
-def test_shipped_studies_are_valid(tmp_path, zoo_dir):
+def test_shipped_studies_are_valid(tmp_path, zoo_dir, monkeypatch):
     """Every file in studies/ validates and fits its space against a zoo laid out like the real one."""
     (tmp_path / "zoo").symlink_to(zoo_dir)
+    monkeypatch.setenv("MERGESEARCH_CACHE_DIR", str(tmp_path / "cache"))   # calibration of importance studies
     files = sorted((ROOT / "studies").glob("*.yaml"))
     assert files
     from mergesearch.plan import load_plan
 
     (tmp_path / "studies").mkdir()
-    for src in files:
+    for src in [*files, *(ROOT / "studies").glob("*.jsonl")]:
         (tmp_path / "studies" / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     for src in files:
         if "merge_method" in yaml.safe_load(src.read_text(encoding="utf-8")):

@@ -186,7 +186,7 @@ def test_resolve_precedence_source_then_slice_then_global():
 def test_every_method_is_declared_once_with_valid_defaults():
     expected = {"linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties",
                 "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                "model_stock", "passthrough"}
+                "model_stock", "passthrough", "importance_linear", "importance_task_arithmetic", "fisher"}
     assert set(METHODS) == expected
     from mergesearch.merge.methods import IMPLEMENTATIONS
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from mergesearch.errors import ConfigError, format_validation, read_yaml_file, suggest
 
 __all__ = [
-    "SAMPLERS", "PRUNERS", "StudyConfig", "StudyFile", "load_study", "parse_duration",
+    "SAMPLERS", "PRUNERS", "CalibrationConfig", "StudyConfig", "StudyFile", "load_study", "parse_duration",
 ]
 
 SAMPLERS = ("random", "cmaes", "tpe", "gp", "nsgaii")
@@ -144,6 +144,18 @@ class EngineConfig(_Frozen):
     kv_cache_gib: float = Field(1.0, gt=0)
 
 
+class CalibrationConfig(_Frozen):
+    """Calibration data of importance-weighted methods (docs/importance.md): ``data`` is a JSONL
+    file with a ``text`` field or an eval task (its proxy prompts); the first ``limit`` texts, cut
+    to ``max_length`` tokens; statistics are cached in ``cache_dir`` (default
+    ``~/.cache/mergesearch/importance``)."""
+
+    data: str = Field(min_length=1)
+    limit: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=2)
+    cache_dir: Optional[str] = None
+
+
 class StudyConfig(_Frozen):
     """A study file. See docs/studies.md for every key."""
 
@@ -165,6 +177,7 @@ class StudyConfig(_Frozen):
     start_from: tuple[str, ...] = ()
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     write_checkpoint: bool = True
+    calibration: Optional[CalibrationConfig] = None
 
     @field_validator("name")
     @classmethod
@@ -180,6 +193,11 @@ class StudyConfig(_Frozen):
     @classmethod
     def _by_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _by_data(cls, value: Any) -> Any:
+        return {"data": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "StudyConfig":
@@ -251,6 +269,7 @@ class StudyFile:
             "objective": c.evals.objective,
             "proxy_limit": c.evals.proxy_limit,
             "dtype": c.dtype,
+            **({"calibration": c.calibration.model_dump(exclude={"cache_dir"})} if c.calibration else {}),
         }
 
     def dump(self) -> dict[str, Any]:

@@ -98,9 +98,11 @@ def prepare(sf: StudyFile) -> Prepared:
                 )
     weights = {n: c.evals.weight(n) for n in names}
     space = load_space(sf.space_ref(), sf.space_dirs())
+    from mergesearch.merge.importance import study_calibration
+
     ctx = SpaceContext(method=c.method, models=tuple(str(m) for m in sf.models),
                       base=str(sf.base) if sf.base else None, num_layers=num_layers, dtype=c.dtype,
-                      sampler=c.sampler.name)
+                      sampler=c.sampler.name, calibration=study_calibration(sf))
     space.check(ctx)
     if not space.distributions(ctx):
         raise ConfigError(f"Search space {c.space!r} has no genes for method {c.method!r}; nothing to search.")
@@ -598,6 +600,10 @@ def write_best(driver: Driver, ranked: Sequence[Any]) -> Optional[Path]:
             f"# Reproduce with mergekit:  mergekit-yaml {out.name}/rank{rank}-trial{t.number}.yaml OUT_DIR",
             f"# or with mergesearch:      mergesearch merge {out.name}/rank{rank}-trial{t.number}.yaml OUT_DIR",
         ]
+        plan = loads_plan(t.user_attrs["plan"])
+        if plan.calibration is not None:
+            lines[-2] = (f"# mergekit cannot reproduce this merge ({plan.merge_method}, importance-weighted on calibration "
+                         f"data {plan.calibration.hash}); the checkpoint is the authority")
         seed = t.user_attrs.get("seed")
         if seed is not None and loads_plan(t.user_attrs["plan"]).merge_method in ("dare_ties", "dare_linear", "della",
                                                                                   "della_linear", "breadcrumbs",

@@ -189,8 +189,11 @@ def _f(x: Optional[float], nd: int = 4, signed: bool = False) -> str:
 
 
 def config_header(study_name: str, row: Row, lb: Leaderboard, method: str, random: bool,
-                  seed: int) -> str:
-    """The comment lines above the exported YAML: where it comes from, its scores, how to reproduce it."""
+                  seed: int, calibration: Any = None) -> str:
+    """The comment lines above the exported YAML: where it comes from, its scores, how to reproduce it.
+
+    ``calibration`` (the plan's, for mergesearch's importance-weighted methods) replaces the
+    mergekit line: mergekit cannot reproduce those merges."""
     label = f" ({row.label})" if row.label else ""
     lines = [
         f"mergesearch export of study {study_name!r}, trial {row.number}{label}: rank {row.rank} of "
@@ -206,6 +209,14 @@ def config_header(study_name: str, row: Row, lb: Leaderboard, method: str, rando
         f"or with mergesearch:            mergesearch merge {CONFIG_FILE} OUT" + (f" --seed {seed}" if random else ""),
         "Model paths are the sources' local paths on the machine that ran the study.",
     ]
+    if calibration is not None:
+        lines[4:6] = [
+            f"MERGEKIT CANNOT REPRODUCE THIS MERGE: {method} is mergesearch's importance-weighted method; each",
+            "element's weight comes from calibration statistics of the sources on",
+            f"{calibration.data} (content hash {calibration.hash}).",
+            "The checkpoint exported beside this file is the authority; reproduce it with mergesearch:",
+            f"  mergesearch merge {CONFIG_FILE} OUT   (calibrates again on the same data, or reads the cache)",
+        ]
     if random:
         lines += [
             "",
@@ -536,7 +547,8 @@ def export_study(
             spec = get_method(plan.merge_method)
             seed = int(t.user_attrs.get("seed", 0) or 0)
             rel = "" if single else f"trial-{r.number}"
-            yaml_text = config_header(study.study_name, r, lb, spec.name, spec.random, seed) + text
+            yaml_text = config_header(study.study_name, r, lb, spec.name, spec.random, seed,
+                                      None if spec.mergekit else plan.calibration) + text
             log(f"merging trial {r.number} ({spec.name}, {len(plan.referenced_models())} models)"
                 + (f" into {rel}/" if rel else ""))
             dest = target.tmp / (CHECKPOINT_STAGING if single else rel)

@@ -130,18 +130,23 @@ def _disk_error(err: OSError, dest: Path, what: str) -> OutputError:
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
     """Write a text file that appears complete or not at all (temp file, fsync, rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"), "a text file")
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes, what: str = "a file") -> None:
+    """Write a file that appears complete or not at all (temp file, fsync, rename)."""
     path = Path(path).absolute()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(err, path, "a text file") from None
+        raise _disk_error(err, path, what) from None
 
 
 class AtomicDir:

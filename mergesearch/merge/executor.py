@@ -11,10 +11,10 @@ import json
 import os
 import resource
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -29,7 +29,7 @@ from mergesearch.io.writer import (
     SafetensorsWriter,
 )
 from mergesearch.merge.methods import TensorInputs, merge_tensor
-from mergesearch.merge.registry import validate_plan
+from mergesearch.merge.registry import MethodSpec, validate_plan
 from mergesearch.merge.tasks import MergeTasks, TensorTask
 from mergesearch.plan import MergePlan, dump_plan
 
@@ -91,6 +91,11 @@ class Merger:
         self.tasks.check_params()
         self.in_dtype = torch_dtype(plan.dtype) if plan.dtype else None
         self.peak_live_bytes = 0
+        self.stats = {}
+        if self.spec.importance:
+            from mergesearch.merge.importance import stats_for_plan
+
+            self.stats = stats_for_plan(plan, {m: c.path for m, c in self.ckpts.items()}, base_dir)
 
     def out_dtype_name(self) -> str:
         if self.plan.out_dtype or self.plan.dtype:
@@ -121,6 +126,7 @@ class Merger:
         inputs = TensorInputs(
             name=task.name, tensors=tensors, shared=params.shared,
             per_input=params.per_input, base=task.base, seed=self.seed, models=task.models,
+            importance=importance_inputs(self.spec, self.stats, task),
         )
         result = merge_tensor(self.spec.name, inputs, dtype)
         live = sum(t.numel() * t.element_size() for t in tensors)
@@ -131,6 +137,25 @@ class Merger:
     def close(self) -> None:
         for ckpt in self.ckpts.values():
             ckpt.close()
+
+
+def importance_inputs(spec: MethodSpec, stats: Mapping[str, Any], task: TensorTask) -> tuple[Any, ...]:
+    """The calibration statistics one tensor's merge reads (none for other methods)."""
+    if not spec.importance:
+        return ()
+    from mergesearch.merge.importance import tensor_stats
+
+    return tensor_stats(stats, task.models, task.sources)
+
+
+def importance_note(plan: MergePlan) -> str:
+    """Why mergekit cannot reproduce an importance-weighted merge, for YAML headers and cards."""
+    cal = plan.calibration
+    data = f"{cal.data} (content hash {cal.hash or 'not recorded'})" if cal else "its calibration data"
+    return (f"{plan.merge_method} is mergesearch's importance-weighted method: each element's weight comes "
+            f"from calibration statistics of the sources on {data}. mergekit has no such method and "
+            "cannot reproduce this merge; the checkpoint is the authority, and `mergesearch merge` on this "
+            "YAML reproduces it (it calibrates the sources again on the same data, or reads its cache).")
 
 
 def _tokenizer_donor(plan: MergePlan, ckpts: dict[str, Checkpoint]) -> Checkpoint:
@@ -233,6 +258,8 @@ def run_merge(
             out.write_text("config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
             _write_tokenizer(out, plan, merger.ckpts)
             yaml_text = config_yaml or dump_plan(plan)
+            if not merger.spec.mergekit:
+                report.notes.append(importance_note(plan))
             if merger.spec.random:
                 report.notes.append(
                     f"{plan.merge_method} is random: this checkpoint was drawn with mergesearch's "

@@ -11,7 +11,7 @@ kernels of the workers must match these functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -42,6 +42,9 @@ class TensorInputs:
     base: Optional[int] = None
     seed: int = 0
     models: Sequence[str] = field(default_factory=tuple)
+    importance: Sequence[Mapping[str, torch.Tensor]] = field(default_factory=tuple)
+    """Per input, its calibration statistics for this tensor (``act_l2``: ||X||_2 per input
+    channel of a linear layer's weight; ``fisher``: the diagonal Fisher); empty for other methods."""
 
     def non_base(self) -> list[int]:
         return [i for i in range(len(self.tensors)) if i != self.base]
@@ -419,6 +422,93 @@ def sparse_task_arithmetic(x: TensorInputs, method: str, out: torch.Tensor) -> N
                                                        x.shared)
 
 
+# ---------------------------------------------------------------------------------------------
+# Importance-weighted methods (mergesearch's own; mergekit has no counterpart)
+
+
+def _stat(x: TensorInputs, key: str, rows: Sequence[int]) -> Optional[list[torch.Tensor]]:
+    """Statistic ``key`` of each input in ``rows`` as float32 on the output's device, or None when
+    one of them has none (embeddings and norms have no activation statistics)."""
+    if len(x.importance) != len(x.tensors):
+        return None
+    stats = [x.importance[i].get(key) for i in rows]
+    if any(s is None for s in stats):
+        return None
+    device = x.tensors[0].device
+    return [s.to(device=device, dtype=torch.float32) for s in stats]
+
+
+def importance_coefficients(scores: torch.Tensor, weights: Sequence[float], exponent: float
+                            ) -> torch.Tensor:
+    """Per-element coefficients ``w_i * s_i^p / sum_j w_j * s_j^p`` of stacked ``scores``.
+
+    Scores are divided by their maximum first (the ratio is unchanged; the power cannot
+    overflow). Where every weighted score is zero the coefficients are the plain ``w_i / sum w``.
+    """
+    w = torch.tensor(list(weights), dtype=torch.float32, device=scores.device)
+    w = w.reshape(-1, *([1] * (scores.dim() - 1)))
+    top = scores.amax()
+    s = (scores / top if top > 0 else torch.ones_like(scores)).pow(exponent)
+    weighted = w * s
+    total = weighted.sum(dim=0)
+    plain = (w / w.sum()).expand_as(weighted)
+    ok = total.abs() > 1e-30
+    return torch.where(ok, weighted / torch.where(ok, total, torch.ones_like(total)), plain)
+
+
+def importance_linear(x: TensorInputs, out: torch.Tensor) -> None:
+    """``linear`` with per-element weights ``w_i * (|W_i| * ||X_i||_2)^p``, normalised.
+
+    ``p = 0`` and tensors without activation statistics are merged by ``linear`` (normalised)."""
+    p = float(x.shared["exponent"])
+    acts = _stat(x, "act_l2", range(len(x.tensors)))
+    plain = replace(x, shared={"normalize": True})
+    if p == 0 or acts is None or x.tensors[0].dim() != 2:
+        linear(plain, out)
+        return
+    weights = [q["weight"] for q in x.per_input]
+    check_linear_weights(weights, repr(x.name))
+    tensors = torch.stack([t.to(torch.float32) for t in x.tensors])
+    scores = tensors.abs() * torch.stack(acts).unsqueeze(1)
+    out.copy_((importance_coefficients(scores, weights, p) * tensors).sum(dim=0))
+
+
+def importance_task_arithmetic(x: TensorInputs, out: torch.Tensor) -> None:
+    """Task arithmetic whose task vectors are weighted per element by
+    ``w_i * m_i``, ``m_i = s_i^p / mean_j s_j^p`` with ``s_i = |delta_i| * ||X_i||_2``.
+
+    ``p = 0`` (``m_i = 1``) and tensors without activation statistics are ``task_arithmetic``."""
+    p = float(x.shared["exponent"])
+    others = x.non_base()
+    acts = _stat(x, "act_l2", others)
+    if p == 0 or acts is None or not others or x.tensors[0].dim() != 2:
+        chunked_task_arithmetic(replace(x, shared={**x.shared, "rescale": False}), "task_arithmetic", out)
+        return
+    base = x.tensors[x.base].to(torch.float32)
+    deltas = torch.stack([x.tensors[i].to(torch.float32) - base for i in others])
+    scores = deltas.abs() * torch.stack(acts).unsqueeze(1)
+    relative = importance_coefficients(scores, [1.0] * len(others), p) * len(others)
+    weights = torch.tensor([x.per_input[i]["weight"] for i in others], dtype=torch.float32,
+                           device=base.device).reshape(-1, 1, 1)
+    out.copy_(base + _combine(deltas, weights * relative, False, x.shared))
+
+
+def fisher(x: TensorInputs, out: torch.Tensor) -> None:
+    """Diagonal Fisher merging: per-element weights ``w_i * max(F_i, floor)``, normalised, with
+    ``floor = fisher_floor * mean(F)`` over every input of this tensor (a relative floor, so one
+    range fits every tensor). Tensors without Fisher statistics are merged by ``linear``."""
+    stats = _stat(x, "fisher", range(len(x.tensors)))
+    if stats is None:
+        linear(replace(x, shared={"normalize": True}), out)
+        return
+    weights = [q["weight"] for q in x.per_input]
+    check_linear_weights(weights, repr(x.name))
+    f = torch.stack(stats).reshape(len(stats), *x.tensors[0].shape)
+    floor = float(x.shared["fisher_floor"]) * f.mean()
+    tensors = torch.stack([t.to(torch.float32) for t in x.tensors])
+    out.copy_((importance_coefficients(torch.maximum(f, floor), weights, 1.0) * tensors).sum(dim=0))
+
+
 def _whole(fn: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs, torch.Tensor], None]:
     def run(x: TensorInputs, out: torch.Tensor) -> None:
         out.copy_(fn(_f32(x)))
@@ -438,6 +528,9 @@ IMPLEMENTATIONS: dict[str, Callable[[TensorInputs, torch.Tensor], None]] = {
     "model_stock": _whole(model_stock),
     "passthrough": _whole(passthrough),
     **{name: _gta(name) for name, spec in METHODS.items() if spec.family == "task_arithmetic"},
+    "importance_linear": importance_linear,
+    "importance_task_arithmetic": importance_task_arithmetic,
+    "fisher": fisher,
 }
 
 

@@ -1,8 +1,9 @@
 """The merge-method registry: the single place that declares each method and its parameters.
 
-Names, defaults and semantics follow mergekit 0.1.5. Ranges are the values mergesearch accepts
-(stricter than mergekit where a value is meaningless); ``search`` is the default range a search
-space draws from. This module imports no torch: plans are validated without it.
+Names, defaults and semantics follow mergekit 0.1.5, except for mergesearch's own
+importance-weighted methods (``mergekit=False``: docs/importance.md). Ranges are the values
+mergesearch accepts (stricter than mergekit where a value is meaningless); ``search`` is the
+default range a search space draws from. This module imports no torch: plans are validated without it.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class MethodSpec:
     summary: str = ""
     reference: str = ""
     family: str = field(default="", compare=False)
+    importance: Optional[Literal["activations", "fisher"]] = None
+    """Calibration statistics the method weights elements by (see merge/importance.py)."""
 
     @property
     def needs_base(self) -> bool:
@@ -132,6 +135,8 @@ def _weight(scope: Scope, low: Optional[float] = None) -> ParamSpec:
 _DENSITY = ParamSpec("density", "float", "non_base", default=1.0, low=0.0, high=1.0,
                      low_open=True, search=(0.1, 1.0),
                      help="fraction of the delta's elements kept")
+_LAMBDA = ParamSpec("lambda", "float", "shared", default=1.0, search=(0.5, 1.5),
+                    help="scale of the merged delta")
 _GTA_FAMILY = {
     # name: (sparsification, consensus, default normalize, default rescale, random, reference)
     "task_arithmetic": (None, False, False, False, False, "https://arxiv.org/abs/2212.04089"),
@@ -168,8 +173,7 @@ def _gta(name: str) -> MethodSpec:
                   help="divide the merged delta by the sum of the weights"),
         ParamSpec("rescale", "bool", "shared", default=rescale,
                   help="rescale a sparsified delta to its original L1 norm"),
-        ParamSpec("lambda", "float", "shared", default=1.0, search=(0.5, 1.5),
-                  help="scale of the merged delta"),
+        _LAMBDA,
         _weight("non_base"),
         _DENSITY,
     ]
@@ -193,6 +197,34 @@ def _gta(name: str) -> MethodSpec:
     return MethodSpec(name, tuple(params), base="required", random=random, min_inputs=1,
                       summary=summary, reference=ref, family="task_arithmetic")
 
+
+_EXPONENT = ParamSpec("exponent", "float", "shared", default=1.0, low=0.0, search=(0.0, 2.0),
+                      help="power of the importance |W|*||X||_2 (0: the plain method)")
+
+IMPORTANCE_METHODS: dict[str, MethodSpec] = {
+    "importance_linear": MethodSpec(
+        "importance_linear", (_weight("input"), _EXPONENT),
+        base="ignored", min_inputs=1, mergekit=False, family="importance", importance="activations",
+        summary="per-element linear weights w_i*(|W_i|*||X_i||_2)^p, normalised across the models",
+        reference="https://arxiv.org/abs/2306.11695"),
+    "importance_task_arithmetic": MethodSpec(
+        "importance_task_arithmetic",
+        (ParamSpec("normalize", "bool", "shared", default=False,
+                   help="divide the merged delta by the sum of the per-element weights"),
+         _LAMBDA,
+         _weight("non_base"), _EXPONENT),
+        base="required", min_inputs=1, mergekit=False, family="importance", importance="activations",
+        summary="task arithmetic with per-element weights w_i*(|delta_i|*||X_i||_2)^p / mean",
+        reference="https://arxiv.org/abs/2212.04089"),
+    "fisher": MethodSpec(
+        "fisher",
+        (_weight("input"),
+         ParamSpec("fisher_floor", "float", "shared", default=1e-3, low=0.0, search=(0.0, 1.0),
+                   help="floor of the Fisher, as a fraction of the tensor's mean Fisher")),
+        base="ignored", min_inputs=1, mergekit=False, family="importance", importance="fisher",
+        summary="per-element weights w_i*max(F_i, floor), normalised (diagonal Fisher merging)",
+        reference="https://arxiv.org/abs/2111.09832"),
+}
 
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
@@ -231,7 +263,18 @@ METHODS: dict[str, MethodSpec] = {
         base="ignored", min_inputs=1, max_inputs=1,
         summary="copy one model's tensors (stack layers with slices)"),
     **{name: _gta(name) for name in _GTA_FAMILY},
+    **IMPORTANCE_METHODS,
 }
+
+
+def check_calibration(plan: MergePlan, spec: MethodSpec) -> None:
+    """An importance-weighted method needs the plan's ``calibration`` block."""
+    if spec.importance and plan.calibration is None:
+        raise ConfigError(
+            f"Merge method {spec.name!r} weights elements by calibration statistics, but the config "
+            "has no `calibration:`; add `calibration: {data: FILE.jsonl}` (a JSONL file with a `text` "
+            "field, or an eval task name) to the merge YAML, or `calibration: FILE.jsonl` to the study file."
+        )
 
 
 def check_linear_weights(weights: Sequence[float], where: str) -> None:
@@ -241,6 +284,11 @@ def check_linear_weights(weights: Sequence[float], where: str) -> None:
             f"The linear weights {list(weights)} sum to zero for {where}, so they cannot be "
             "normalised; use weights with a non-zero sum or `normalize: false`."
         )
+
+
+def scale_free_weights(method: str, normalize: Any = True) -> bool:
+    """Whether only the ratios of a method's per-model weights change the merge."""
+    return method in ("nuslerp", "importance_linear", "fisher") or (method == "linear" and bool(normalize))
 
 
 def check_della(method: str, density: float, epsilon: float, where: str) -> None:

@@ -20,7 +20,12 @@ from optuna.distributions import (
 from pydantic import BaseModel, ConfigDict
 
 from mergesearch.errors import ConfigError, UnknownNameError, suggest
-from mergesearch.merge.registry import MethodSpec, get_method, validate_plan
+from mergesearch.merge.registry import (
+    MethodSpec,
+    get_method,
+    scale_free_weights,
+    validate_plan,
+)
 from mergesearch.plan import (
     DTYPES,
     Conditional,
@@ -52,6 +57,8 @@ class SpaceContext:
     num_layers: int
     dtype: str | None = None
     sampler: str = "tpe"
+    calibration: Any = None
+    """The study's calibration (a ``plan.Calibration``), written into plans of importance methods."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -185,6 +192,8 @@ class SearchSpace(ABC):
         raw = self._build(genes, ctx)
         if ctx.dtype:
             raw["dtype"] = ctx.dtype
+        if ctx.calibration is not None and get_method(ctx.method).importance:
+            raw["calibration"] = ctx.calibration.model_dump(mode="json", exclude_none=True)
         plan = parse_plan(raw, f"compiled by search space {self.name!r}")
         validate_plan(plan)
         return plan
@@ -336,7 +345,7 @@ def resolved_values(plan: MergePlan, num_layers: int, filters: set[str] = frozen
                 values[(name, src.model, p.name)] = value
                 if p.name == "weight":
                     weights[src.model] = value
-        scale_free = spec.name == "nuslerp" or (spec.name == "linear" and shared["normalize"])
+        scale_free = scale_free_weights(spec.name, shared.get("normalize"))
         total = sum(weights.values())
         if scale_free and total != 0:
             for model, w in weights.items():

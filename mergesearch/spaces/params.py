@@ -24,12 +24,15 @@ from mergesearch.merge.registry import (
     ParamSpec,
     check_linear_weights,
     get_method,
+    scale_free_weights,
 )
 from mergesearch.plan import MergePlan
 from mergesearch.spaces.base import SearchSpace, SpaceContext, SpaceOptions, lookup
 from mergesearch.spaces.groups import density_range, has_density
 
 ALL_PARAMS = tuple(sorted({p.name for m in METHODS.values() for p in m.params}))
+# Methods whose per-model weights are normalised to sum to one.
+NORMALISED = ("linear", "importance_linear", "fisher")
 # Parameters that never change the merged weights (int8_mask only saves memory).
 INERT = ("int8_mask",)
 _PROBE = "model.layers.0.mlp.gate_proj.weight"
@@ -159,7 +162,7 @@ class MethodParams(SearchSpace):
                     shared[p.name] = genes[p.name]
                 else:
                     per_model[ordered[i]][p.name] = genes[f"{p.name}.{i}"]
-        if spec.name == "linear" and shared.get("normalize", True):
+        if spec.name in NORMALISED and shared.get("normalize", True):
             check_linear_weights([per_model[m].get("weight", shared.get("weight", 0.0))
                                   for m in ordered], f"search space {self.name!r}")
         listed = [*([base] if base is not None else []), *inputs]
@@ -184,8 +187,7 @@ class MethodParams(SearchSpace):
                 name = p.name if i is None else f"{p.name}.{i}"
                 genes[name] = lookup(plan, p.name, model, _PROBE, 0.0)
         weights = [n for n in genes if n.startswith("weight.")]
-        scale_free = spec.name == "nuslerp" or (
-            spec.name == "linear" and lookup(plan, "normalize", None, _PROBE, 0.0))
+        scale_free = scale_free_weights(spec.name, spec.name != "linear" or lookup(plan, "normalize", None, _PROBE, 0.0))
         top = max((genes[n] for n in weights), default=0.0)
         if scale_free and top > 0:
             high = dict(self._distributions(ctx))[weights[0]].high

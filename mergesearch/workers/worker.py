@@ -243,6 +243,19 @@ class Materializer:
         self.tied = bool(getattr(engine, "_tied", False))
         self.kernel = kernel
         self.warned: set[str] = set()
+        self.stats: dict[tuple[str, str], Any] = {}
+
+    def _importance(self, plan: Any, spec: Any) -> Any:
+        """The sources' calibration statistics a plan's importance-weighted method reads, loaded
+        (or calibrated) once per calibration and kept resident beside the sources."""
+        if not spec.importance:
+            return {}
+        from mergesearch.merge.importance import stats_for_plan
+
+        key = (plan.calibration.model_dump_json() if plan.calibration else "", spec.importance)
+        if key not in self.stats:
+            self.stats[key] = stats_for_plan(plan, {m: c.path for m, c in self.sources.ckpts.items()})
+        return self.stats[key]
 
     def _merge(self, method: str, inputs: Any, target: Any) -> None:
         """One tensor: the fused kernel where it applies, else the torch reference."""
@@ -269,6 +282,7 @@ class Materializer:
     def __call__(self, plan: Any, seed: int = 0) -> int:
         import torch
 
+        from mergesearch.merge.executor import importance_inputs
         from mergesearch.merge.methods import TensorInputs
         from mergesearch.merge.registry import validate_plan
         from mergesearch.merge.tasks import MergeTasks
@@ -282,6 +296,7 @@ class Materializer:
             )
         tasks = MergeTasks(plan, spec, self.sources.ckpts)
         tasks.check_params()
+        stats = self._importance(plan, spec)
         todo = []
         for task in tasks.tasks:
             if task.name not in self.specs:
@@ -308,7 +323,7 @@ class Materializer:
                     tensors=[self.sources.tensors[m][s].to(target.device, non_blocking=True)
                              for m, s in zip(task.models, task.sources)],
                     shared=params.shared, per_input=params.per_input, base=task.base, seed=seed,
-                    models=task.models,
+                    models=task.models, importance=importance_inputs(spec, stats, task),
                 )
                 self._merge(spec.name, inputs, target)
                 yield task.name, target
@@ -430,5 +445,6 @@ class Worker:
         """Free the engine, and the sources unless other workers share them."""
         self.engine.close()
         self.materialise.params = {}
+        self.materialise.stats = {}
         if sources:
             self.sources.close()
