@@ -479,6 +479,8 @@ def test_a_study_on_ray_survives_workers_killed_several_times(tmp_path, zoo_dir,
                               "chunk_size": 2}, top_k=1, baselines=False)
     url = f"sqlite:///{path.parent / 'out' / 'study.db'}"
     killed: list[dict] = []
+    opened: list[bool] = []
+    storage_file = (path.parent / "out" / "study.db").resolve()
     stop = threading.Event()
 
     def assassin():
@@ -506,6 +508,8 @@ def test_a_study_on_ray_survives_workers_killed_several_times(tmp_path, zoo_dir,
                 except Exception:  # noqa: BLE001 - the actor moved on; look again
                     continue
                 if inside == [key]:
+                    files = {os.path.realpath(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+                    opened.append(any(f.startswith(str(storage_file)) for f in files))
                     killed.append({"number": int(key[2:]), "pid": pid, "finished": done})
                     os.kill(pid, signal.SIGKILL)
                     break
@@ -520,6 +524,7 @@ def test_a_study_on_ray_survives_workers_killed_several_times(tmp_path, zoo_dir,
         watcher.join(timeout=10)
     assert len(killed) == KILLS, f"only {len(killed)} kill(s): no trial was running on an actor in time"
     assert sum("shared via object store" in line for line in logs) == 2
+    assert opened == [False] * KILLS, "an actor held the storage file open mid-trial: only the driver writes it"
     trials = optuna.load_study(study_name="t", storage=url).get_trials()
     for kill in killed:
         for n, values in kill["finished"].items():
