@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -241,6 +241,19 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _save_dashboard_figures(study: Any, top: int) -> None:
+    """With the dashboard extra installed, a finished run leaves its figures and notes in the
+    study, so plain ``optuna-dashboard STORAGE`` shows them too."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is None for m in ("optuna_dashboard", "plotly")):
+        return
+    from mergesearch.dashboard.server import save_figures
+
+    save_figures(study, top, log=lambda m: console.print(m, highlight=False),
+                 warn=lambda m: console.print(f"[yellow]warning[/yellow]: {m}", highlight=False))
+
+
 def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
     from mergesearch.driver.config import load_study
     from mergesearch.driver.driver import prepare, run_study
@@ -265,6 +278,7 @@ def _run_study(study_path: Path, n_trials: Optional[int], quiet: bool) -> None:
     if outcome.interrupted:
         console.print("[yellow]interrupted[/yellow]: run the same command again to resume the study.")
     else:
+        _save_dashboard_figures(outcome.study, c.top_k)
         console.print(f"next: [bold]mergesearch dashboard {study_path}[/bold] to inspect the trials, "
                       f"[bold]mergesearch export {study_path} OUT[/bold] for the winner's YAML, checkpoint "
                       "and model card", highlight=False)

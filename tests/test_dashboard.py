@@ -381,8 +381,7 @@ def real_study(tmp_path_factory) -> Path:
     tasks as two objectives (so it has a Pareto front), baselines and held-out re-scoring."""
     import torch
 
-    from mergesearch.driver.config import load_study
-    from mergesearch.driver.driver import run_study
+    from mergesearch.cli import main
     from mergesearch.zoo.build import ZooConfig, build_zoo
 
     threads = torch.get_num_threads()
@@ -403,10 +402,21 @@ def real_study(tmp_path_factory) -> Path:
         path = root / "study" / "study.yaml"
         path.parent.mkdir()
         path.write_text(yaml.safe_dump(study), encoding="utf-8")
-        run_study(load_study(path))
+        assert main(["run", str(path), "--quiet"]) == 0
     finally:
         torch.set_num_threads(threads)
     return path
+
+
+def test_a_finished_run_leaves_its_figures_for_plain_optuna_dashboard(real_study):
+    """`mergesearch run` publishes at the end, so `optuna-dashboard STORAGE` alone shows our views."""
+    from optuna_dashboard import get_note
+
+    study = optuna.load_study(study_name="curves", storage=f"sqlite:///{real_study.parent / 'out' / 'study.db'}")
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    saved = {gid for gid in FIGURE_IDS if any(k.startswith(f"dashboard:plot_data:{gid}:") for k in attrs)}
+    assert saved == set(FIGURE_IDS)
+    assert get_note(study).startswith(NOTE_HEADER)
 
 
 _TRACES = "id => { const el = document.getElementById(id); return el && el.data ? el.data.length : -1; }"

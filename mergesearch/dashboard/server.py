@@ -262,7 +262,7 @@ def start(url: str, name: str | None, *, host: str = "127.0.0.1", port: int = DE
         study = optuna.load_study(study_name=name, storage=storage)
         stop = threading.Event()
         if publish:
-            _publish(study, top, log, warn)
+            save_figures(study, top, log, warn)
             if refresh_s > 0:
                 threading.Thread(target=_refresh_loop, args=(study, top, refresh_s, stop, warn),
                                  name="mergesearch-dashboard-refresh", daemon=True).start()
@@ -276,7 +276,8 @@ def start(url: str, name: str | None, *, host: str = "127.0.0.1", port: int = DE
         raise
 
 
-def _publish(study: Any, top: int, log: Callable[[str], None], warn: Callable[[str], None]) -> bool:
+def save_figures(study: Any, top: int, log: Callable[[str], None], warn: Callable[[str], None]) -> bool:
+    """Publish our figures and notes into ``study`` for optuna-dashboard; a failure is warned, not raised."""
     from mergesearch.dashboard.publish import publish
 
     try:
