@@ -27,7 +27,7 @@ Parts (``--parts``):
 
 Run (needs the demo zoo: ``mergesearch zoo``):
 
-    python scripts/bench_search.py --quick                        # pipeline check, ~2.5 minutes
+    python scripts/bench_search.py --quick                        # pipeline check, ~1.5 minutes
     python scripts/bench_search.py --output bench.md              # the figures (< 1 hour, 2 cores)
     python scripts/bench_search.py --parts search --spaces curves  # one part / one space
 """
@@ -96,6 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-trials", type=int, default=20, help="in-memory study trials per e2e config")
     p.add_argument("--e2e-disk", type=int, default=4, help="merge-to-disk candidates per e2e config")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--held-out-limit", type=int, default=None,
+                   help="held-out examples per task when a study re-scores its pick (default: the whole split)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the figures")
     p.add_argument("--report-only", action="store_true", help="run no part: the report from OUT/part-*.json")
     p.add_argument("--output", type=Path, default=None, help="write the markdown report here (also OUT/report.md)")
@@ -110,6 +112,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.prune_limit, args.prune_chunk, args.overfit_trials = 8, 4, 8
         args.overfit_sizes, args.top_k, args.e2e_trials, args.e2e_disk = "2,4,8", 3, 3, 1
         args.e2e_configs = ["proxy"]
+        args.held_out_limit = 4
     args.overfit_sizes = sorted({int(s) for s in str(args.overfit_sizes).split(",") if s.strip()})
     args.prune_seeds = args.prune_seeds or args.seeds
     if "random" not in args.samplers and "search" in args.parts and not args.report_only:
@@ -144,7 +147,8 @@ def study_file(args: argparse.Namespace, name: str, *, space: str = "dirichlet",
         "sources": {"models": [str(zoo / "experts" / m) for m in s["models"]],
                     **({"base": str(zoo / "experts" / s["base"])} if s["base"] else {})},
         "method": s["method"], "space": s["space"],
-        "evals": {"tasks": list(tasks), "proxy_limit": limit, "chunk_size": chunk or limit or 48},
+        "evals": {"tasks": list(tasks), "proxy_limit": limit, "held_out_limit": args.held_out_limit,
+                  "chunk_size": chunk or limit or 48},
         "sampler": sampler, "pruner": pruner, "budget": {"trials": trials}, "seed": seed,
         "baselines": False, "top_k": 1, "write_checkpoint": False,
         "output_dir": str(folder or args.out / "studies" / name),

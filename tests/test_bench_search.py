@@ -46,7 +46,7 @@ def test_parts_and_spaces_are_checked(bench) -> None:
 
 
 def test_quick_run_writes_every_part_and_the_report(tmp_path: Path) -> None:
-    """The whole pipeline, every part, on a tiny zoo built here (about 3 minutes on 2 cores); set
+    """The whole pipeline, every part, on a tiny zoo built here (about 2 minutes on 2 cores); set
     MERGESEARCH_ZOO to use another zoo."""
     zoo = Path(os.environ["MERGESEARCH_ZOO"]) if os.environ.get("MERGESEARCH_ZOO") else tmp_path / "zoo"
     if not (zoo / "zoo.json").is_file():
