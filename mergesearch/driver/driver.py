@@ -461,8 +461,8 @@ class Driver:
         wall = self.c.budget.wall_time
         while True:
             out_of_time = wall is not None and time.time() - started > wall
-            more = not self.stop_requested and not out_of_time
-            if more:
+            asking = not self.stop_requested and not out_of_time
+            if asking:
                 for _ in range(executor.idle()):
                     t0 = time.perf_counter()
                     job = self._next_job()
@@ -470,9 +470,8 @@ class Driver:
                         break
                     self.latency["ask"].append(time.perf_counter() - t0)
                     executor.submit(job)
-                more = self._search_budget_left() > 0 or self._baseline_waiting()
             if not self.running:
-                if not more:
+                if not (asking and (self._search_budget_left() > 0 or self._baseline_waiting())):
                     return
                 if executor.capacity() == 0:
                     raise MergeSearchError(
