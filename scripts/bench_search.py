@@ -96,6 +96,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-trials", type=int, default=20, help="in-memory study trials per e2e config")
     p.add_argument("--e2e-disk", type=int, default=4, help="merge-to-disk candidates per e2e config")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="studies run side by side in this many processes (search, pruning); default: 2 or the cores")
     p.add_argument("--held-out-limit", type=int, default=None,
                    help="held-out examples per task when a study re-scores its pick (default: the whole split)")
     p.add_argument("--quick", action="store_true", help="tiny budgets: checks the pipeline, not the figures")
@@ -191,6 +193,31 @@ def run(sf: Any) -> dict[str, Any]:
             "weights": weights, "wall_s": wall}
 
 
+def _run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
+    import optuna
+    import torch
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return lean(run(study_file(args, **spec)))
+
+
+def run_studies(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run (or resume) each study of ``specs`` (``study_file`` keywords), ``--jobs`` side by side; results in order.
+
+    Each study is single-threaded (one torch thread, one worker), so on 2 cores two of them run
+    without slowing each other much; every figure is a score, a count or a ratio within one study.
+    """
+    if args.jobs <= 1 or len(specs) <= 1:
+        return [_run_spec(args, spec) for spec in specs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_run_spec, args, spec) for spec in specs]
+        return [f.result() for f in futures]
+
+
 def best_so_far(values: Sequence[float | None]) -> list[float]:
     out, best = [], -math.inf
     for v in values:
@@ -254,13 +281,13 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
                            "spaces": earlier.get("spaces", {}) if earlier.get("config") == config else {}}
     n_random = max(args.seeds, math.ceil(args.random_pool / args.trials))
     for space in args.spaces:
+        keys = [(sampler, seed) for sampler in args.samplers
+                for seed in range(n_random if sampler == "random" else args.seeds)]
+        done = run_studies(args, [{"name": f"search-{space}-{sampler}-s{seed}", "space": space, "sampler": sampler,
+                                   "seed": seed, "trials": args.trials, "limit": args.limit} for sampler, seed in keys])
         runs: dict[str, list[dict[str, Any]]] = {}
-        for sampler in args.samplers:
-            seeds = n_random if sampler == "random" else args.seeds
-            runs[sampler] = [lean(run(study_file(args, f"search-{space}-{sampler}-s{seed}", space=space,
-                                                 sampler=sampler, seed=seed, trials=args.trials,
-                                                 limit=args.limit)))
-                             for seed in range(seeds)]
+        for (sampler, _seed), r in zip(keys, done):
+            runs.setdefault(sampler, []).append(r)
         pool = [t["value"] for r in runs["random"] for t in r["trials"]][: args.random_pool]
         bar = max(v for v in pool if v is not None)
         summary = {}
@@ -290,12 +317,13 @@ def part_pruning(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"config": {"seeds": args.prune_seeds, "trials": args.trials, "limit": args.prune_limit,
                                       "chunk": args.prune_chunk, "sampler": "tpe", "space": "dirichlet"},
                            "runs": {}}
-    for pruner in ["none", *args.pruners]:
-        out["runs"][pruner] = [lean(run(study_file(args, f"prune-{pruner}-s{seed}", sampler="tpe", seed=seed,
-                                                   trials=args.trials, limit=args.prune_limit,
-                                                   chunk=args.prune_chunk, pruner=pruner)))
-                               for seed in range(args.prune_seeds)]
-        save(args, "pruning", out)
+    keys = [(pruner, seed) for pruner in ["none", *args.pruners] for seed in range(args.prune_seeds)]
+    done = run_studies(args, [{"name": f"prune-{pruner}-s{seed}", "sampler": "tpe", "seed": seed, "trials": args.trials,
+                               "limit": args.prune_limit, "chunk": args.prune_chunk, "pruner": pruner}
+                              for pruner, seed in keys])
+    for (pruner, _seed), r in zip(keys, done):
+        out["runs"].setdefault(pruner, []).append(r)
+    save(args, "pruning", out)
     out["compare"] = {}
     for pruner in args.pruners:
         rows = []

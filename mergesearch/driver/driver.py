@@ -219,9 +219,19 @@ class _Reporter:
     """Where the driver says what happens (a rich display, or nothing in tests)."""
 
     def __init__(self, log: Optional[Callable[[str], None]] = None,
-                 update: Optional[Callable[[dict[str, int], Optional[dict[str, Any]], float], None]] = None):
+                 update: Optional[Callable[[dict[str, int], Optional[dict[str, Any]], float], None]] = None,
+                 every: float = 1.0):
         self.log = log or (lambda _m: None)
-        self.update = update or (lambda _c, _b, _e: None)
+        self._update = update
+        self.every = every
+        self._last = -math.inf
+
+    def update(self, study: optuna.Study, weights: Mapping[str, float], elapsed: float, *, force: bool = False) -> None:
+        """Counts and best so far, at most every ``every`` seconds (each reads every trial), and only if asked for."""
+        if self._update is None or (not force and time.monotonic() - self._last < self.every):
+            return
+        self._last = time.monotonic()
+        self._update(_counts(study), _best(study, weights), elapsed)
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
@@ -274,6 +284,7 @@ class Driver:
         self.offsets: dict[str, int] = {}
         self.proxy_totals: dict[str, int] = {}
         self.latency: dict[str, list[float]] = {"ask": [], "tell": []}
+        self.baselines_done = False
 
     # -- set up -------------------------------------------------------------------------------
 
@@ -337,7 +348,11 @@ class Driver:
         return self.total - counts["finished"] - in_flight
 
     def _baseline_waiting(self) -> bool:
-        return any(t.state == TrialState.WAITING for t in self.baselines.get_trials(deepcopy=False))
+        if self.baselines_done:
+            return False
+        waiting = any(t.state == TrialState.WAITING for t in self.baselines.get_trials(deepcopy=False))
+        self.baselines_done = not waiting
+        return waiting
 
     def _next_job(self) -> Optional[Any]:
         from mergesearch.workers.worker import Job
@@ -454,6 +469,8 @@ class Driver:
         from mergesearch.driver.storage import requeue
 
         requeue(r.study, r.study.get_trials(deepcopy=False)[r.trial.number])
+        if r.study is self.baselines:
+            self.baselines_done = False
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -470,8 +487,10 @@ class Driver:
                         break
                     self.latency["ask"].append(time.perf_counter() - t0)
                     executor.submit(job)
+            self.reporter.update(self.study, self.prep.weights, time.time() - started)
             if not self.running:
                 if not (asking and (self._search_budget_left() > 0 or self._baseline_waiting())):
+                    self.reporter.update(self.study, self.prep.weights, time.time() - started, force=True)
                     return
                 if executor.capacity() == 0:
                     raise MergeSearchError(
@@ -490,8 +509,6 @@ class Driver:
             if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES and not self.stop_requested:
                 self.stop_requested = True
                 self.failed_out = True
-            self.reporter.update(_counts(self.study), _best(self.study, self.prep.weights),
-                                 time.time() - started)
 
 
 def _suggest(trial: optuna.Trial, name: str, dist: Any) -> Any:
