@@ -66,10 +66,16 @@ def stored(path: Path) -> tuple[optuna.Study, optuna.Study]:
 def test_study_runs_end_to_end_and_stores_the_evidence(tmp_path, zoo_dir):
     path = write_study(tmp_path / "s", zoo_dir)
     logs: list[str] = []
-    outcome = run_study(load_study(path), log=logs.append)
+    updates: list[tuple[float, dict, dict]] = []
+    outcome = run_study(load_study(path), log=logs.append,
+                        update=lambda counts, best, _elapsed: updates.append((time.monotonic(), counts, best)))
     study, baselines = stored(path)
     search = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(search) == 3
+    # the display: its last update has the final counts and best; earlier ones at most one a second
+    assert updates[-1][1]["complete"] == 3 and updates[-1][1]["running"] == 0
+    assert updates[-1][2]["number"] == max(search, key=lambda t: t.values[0]).number
+    assert all(b[0] - a[0] >= 0.99 for a, b in zip(updates[:-2], updates[1:-1]))
     labels = sorted(t.user_attrs["label"] for t in baselines.get_trials(states=(TrialState.COMPLETE,)))
     assert labels == ["source: addition", "source: base", "source: order", "uniform merge"]
     meta = study.user_attrs["mergesearch"]
