@@ -88,6 +88,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prune-chunk", type=int, default=8, help="examples per task per round (pruning)")
     p.add_argument("--pruners", default="successive_halving,wilcoxon")
     p.add_argument("--prune-seeds", type=int, default=None, help="default: --seeds")
+    p.add_argument("--prune-trials", type=int, default=None,
+                   help="trials of each pruned run (default: 2 x --trials): it may take more, cheaper trials to reach "
+                        "the unpruned run's best")
     p.add_argument("--overfit-trials", type=int, default=100)
     p.add_argument("--overfit-sizes", default="8,20,48", help="proxy sizes (examples per task)")
     p.add_argument("--top-k", type=int, default=5, help="overfit: proxy top-k re-scored on held-out")
@@ -117,6 +120,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.held_out_limit = 4
     args.overfit_sizes = sorted({int(s) for s in str(args.overfit_sizes).split(",") if s.strip()})
     args.prune_seeds = args.prune_seeds or args.seeds
+    args.prune_trials = args.prune_trials or 2 * args.trials
     if "random" not in args.samplers and "search" in args.parts and not args.report_only:
         p.error("--samplers must include random: its runs are the pool of random draws")
     return args
@@ -314,37 +318,63 @@ def part_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_pruning(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"config": {"seeds": args.prune_seeds, "trials": args.trials, "limit": args.prune_limit,
-                                      "chunk": args.prune_chunk, "sampler": "tpe", "space": "dirichlet"},
+    out: dict[str, Any] = {"config": {"seeds": args.prune_seeds, "trials": args.trials, "pruned_trials": args.prune_trials,
+                                      "limit": args.prune_limit, "chunk": args.prune_chunk, "sampler": "tpe",
+                                      "space": "dirichlet"},
                            "runs": {}}
     keys = [(pruner, seed) for pruner in ["none", *args.pruners] for seed in range(args.prune_seeds)]
-    done = run_studies(args, [{"name": f"prune-{pruner}-s{seed}", "sampler": "tpe", "seed": seed, "trials": args.trials,
+    done = run_studies(args, [{"name": f"prune-{pruner}-s{seed}", "sampler": "tpe", "seed": seed,
+                               "trials": args.trials if pruner == "none" else args.prune_trials,
                                "limit": args.prune_limit, "chunk": args.prune_chunk, "pruner": pruner}
                               for pruner, seed in keys])
     for (pruner, _seed), r in zip(keys, done):
         out["runs"].setdefault(pruner, []).append(r)
     save(args, "pruning", out)
-    out["compare"] = {}
-    for pruner in args.pruners:
-        rows = []
-        for base, pruned in zip(out["runs"]["none"], out["runs"][pruner]):
-            finals = [best_so_far([t["value"] for t in r["trials"]])[-1] for r in (base, pruned)]
-            bar = min(finals)
-            row = {"final_none": finals[0], "final_pruned": finals[1], "bar": bar,
-                   "pruned_trials": sum(t["state"] == "PRUNED" for t in pruned["trials"]),
-                   "examples_total": [sum(t["examples"] for t in r["trials"]) for r in (base, pruned)],
-                   "wall_total": [r["trials"][-1]["end"] - r["trials"][0]["start"] for r in (base, pruned)]}
-            for key, r in (("none", base), ("pruned", pruned)):
-                n = first_reach([t["value"] for t in r["trials"]], bar)
-                row[f"reach_{key}"] = n
-                row[f"examples_{key}"] = sum(t["examples"] for t in r["trials"][:n])
-                row[f"wall_{key}"] = r["trials"][n - 1]["end"] - r["trials"][0]["start"]
-            row["examples_ratio"] = row["examples_none"] / max(row["examples_pruned"], 1)
-            row["wall_ratio"] = row["wall_none"] / max(row["wall_pruned"], 1e-9)
-            rows.append(row)
-        out["compare"][pruner] = rows
+    out["compare"] = {pruner: [compare_pruned(base, pruned) for base, pruned in zip(out["runs"]["none"], out["runs"][pruner])]
+                      for pruner in args.pruners}
     save(args, "pruning", out)
     return out
+
+
+def compare_pruned(base: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """Examples and wall time each run needs to reach the unpruned run's final best (the same best)."""
+    def cumulative(r: dict[str, Any], n: int) -> tuple[int, float]:
+        return sum(t["examples"] for t in r["trials"][:n]), r["trials"][n - 1]["end"] - r["trials"][0]["start"]
+
+    bar = best_so_far([t["value"] for t in base["trials"]])[-1]
+    budget = sum(t["examples"] for t in base["trials"])
+    row: dict[str, Any] = {
+        "bar": bar, "final_pruned": best_so_far([t["value"] for t in pruned["trials"]])[-1],
+        "trials_pruned": len(pruned["trials"]), "pruned_trials": sum(t["state"] == "PRUNED" for t in pruned["trials"]),
+        "examples_total": [budget, sum(t["examples"] for t in pruned["trials"])],
+        "wall_total": [r["trials"][-1]["end"] - r["trials"][0]["start"] for r in (base, pruned)],
+    }
+    spent, best_in_budget = 0, None
+    for t in pruned["trials"]:
+        spent += t["examples"]
+        if spent > budget:
+            break
+        if t["value"] is not None and (best_in_budget is None or t["value"] > best_in_budget):
+            best_in_budget = t["value"]
+    row["pruned_best_in_budget"] = best_in_budget
+    for key, r in (("none", base), ("pruned", pruned)):
+        n = first_reach([t["value"] for t in r["trials"]], bar)
+        row[f"reach_{key}"] = n
+        row[f"examples_{key}"], row[f"wall_{key}"] = cumulative(r, n) if n else (None, None)
+    reached = row["reach_pruned"] is not None
+    row["examples_ratio"] = row["examples_none"] / max(row["examples_pruned"], 1) if reached else None
+    row["wall_ratio"] = row["wall_none"] / max(row["wall_pruned"], 1e-9) if reached else None
+    return row
+
+
+def low_median(values: Sequence[float | None]) -> float | None:
+    """Median where None (not reached) counts as the smallest; None if the median itself is not reached."""
+    ranked = sorted(values, key=lambda v: -math.inf if v is None else v)
+    mid = len(ranked) // 2
+    if len(ranked) % 2:
+        return ranked[mid]
+    lo, hi = ranked[mid - 1], ranked[mid]
+    return None if lo is None or hi is None else (lo + hi) / 2
 
 
 # --------------------------------------------------------------------------- part 3: overfit
@@ -610,29 +640,39 @@ def plot_search(data: dict[str, Any], plots: Path) -> None:
 
 def report_pruning(data: dict[str, Any], plots: Path) -> list[str]:
     c = data["config"]
-    lines = [f"TPE on the Dirichlet space, {c['seeds']} seeds x {c['trials']} trials, {c['limit']} proxy examples "
-             f"per task in rounds of {c['chunk']} (one round = {c['chunk']} of every task). For each seed the "
-             "bar is the lower of the two runs' final best (the best both reach); *examples / wall to bar*: "
-             "examples scored (all trials, pruned ones included) and wall time from the first trial's start "
-             "until the best so far first reaches it.", ""]
+    pruned_n = c.get("pruned_trials", c["trials"])
+    lines = [f"TPE on the Dirichlet space, {c['seeds']} seeds; {c['limit']} proxy examples per task in rounds of "
+             f"{c['chunk']} (one round = {c['chunk']} of every task). Each seed: one run without a pruner "
+             f"({c['trials']} trials) and one with each pruner (up to {pruned_n} trials, as pruned trials are "
+             "cheaper). *bar*: the unpruned run's final best (the same best for both); *examples / wall to bar*: "
+             "examples scored (pruned trials included) and wall time from the first trial's start until the best "
+             "so far first reaches the bar (`-`: not within the pruned run's trials); *best within the unpruned "
+             "run's examples*: the pruned run's best before it has scored as many examples as the whole unpruned "
+             "run.", ""]
     rows = []
     for pruner, rs in data.get("compare", {}).items():
         for i, r in enumerate(rs):
-            rows.append([pruner, i, _f(r["final_none"]), _f(r["final_pruned"]), r["pruned_trials"],
-                         f"{r['reach_none']} / {r['reach_pruned']}",
-                         f"{r['examples_none']} / {r['examples_pruned']}", f"{r['examples_ratio']:.2f}x",
-                         f"{r['wall_none']:.0f} / {r['wall_pruned']:.0f}", f"{r['wall_ratio']:.2f}x",
-                         f"{r['examples_total'][0]} / {r['examples_total'][1]}",
-                         f"{r['examples_total'][0] / max(r['examples_total'][1], 1):.2f}x"])
-        rows.append([f"**{pruner}, median**", "", _f(statistics.median(r["final_none"] for r in rs)),
+            ratio = "-" if r["examples_ratio"] is None else f"{r['examples_ratio']:.2f}x"
+            wall = "-" if r["wall_ratio"] is None else f"{r['wall_ratio']:.2f}x"
+            rows.append([pruner, i, _f(r["bar"]), _f(r["pruned_best_in_budget"]), _f(r["final_pruned"]),
+                         f"{r['pruned_trials']} / {r['trials_pruned']}",
+                         f"{r['reach_none']} / {r['reach_pruned'] or '-'}",
+                         f"{r['examples_none']} / {r['examples_pruned'] or '-'}", ratio,
+                         f"{r['wall_none']:.0f} / {_f(r['wall_pruned'], 0)}",
+                         wall, f"{r['examples_total'][0]} / {r['examples_total'][1]}",
+                         f"{r['wall_total'][0]:.0f} / {r['wall_total'][1]:.0f}"])
+        med_ex, med_wall = low_median([r["examples_ratio"] for r in rs]), low_median([r["wall_ratio"] for r in rs])
+        reached = sum(r["reach_pruned"] is not None for r in rs)
+        rows.append([f"**{pruner}, median**", f"reached {reached}/{len(rs)}", _f(statistics.median(r["bar"] for r in rs)),
+                     _f(statistics.median(r["pruned_best_in_budget"] or 0.0 for r in rs)),
                      _f(statistics.median(r["final_pruned"] for r in rs)), "", "", "",
-                     f"**{statistics.median(r['examples_ratio'] for r in rs):.2f}x**", "",
-                     f"**{statistics.median(r['wall_ratio'] for r in rs):.2f}x**", "",
-                     f"{statistics.median(r['examples_total'][0] / max(r['examples_total'][1], 1) for r in rs):.2f}x"])
-    lines += [bu.markdown_table(["pruner", "seed", "final best, none", "final best, pruned", "pruned trials",
-                                 "trials to bar none / pruned", "examples to bar none / pruned", "examples ratio",
-                                 "wall s to bar none / pruned", "wall ratio", f"examples, all {c['trials']} trials",
-                                 "ratio"], rows, "llrrrrrrrrrr"), ""]
+                     "**-**" if med_ex is None else f"**{med_ex:.2f}x**", "",
+                     "**-**" if med_wall is None else f"**{med_wall:.2f}x**", "", ""])
+    lines += [bu.markdown_table(["pruner", "seed", "bar (unpruned best)", "pruned: best within the unpruned run's examples",
+                                 "pruned: final best", "pruned / all trials", "trials to bar none / pruned",
+                                 "examples to bar none / pruned", "examples ratio", "wall s to bar none / pruned",
+                                 "wall ratio", "examples, whole runs", "wall s, whole runs"], rows,
+                                "llrrrrrrrrrrr"), ""]
     plot_pruning(data, plots)
     return lines
 

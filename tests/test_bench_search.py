@@ -38,6 +38,32 @@ def test_censored_median_treats_not_reached_as_largest(bench) -> None:
     assert bench.censored_median([4, 8]) == 6
 
 
+def _run(values, examples):
+    trials = [{"value": v, "state": "PRUNED" if v is None else "COMPLETE", "examples": e, "start": float(i),
+               "end": float(i + 1)} for i, (v, e) in enumerate(zip(values, examples))]
+    return {"trials": trials}
+
+
+def test_pruning_is_compared_at_the_unpruned_runs_best(bench) -> None:
+    base = _run([0.1, 0.5, 0.3, 0.4], [10, 10, 10, 10])
+    pruned = _run([0.2, None, None, 0.45, None, 0.5, 0.6], [10, 2, 2, 10, 2, 10, 10])
+    row = bench.compare_pruned(base, pruned)
+    assert row["bar"] == 0.5 and row["final_pruned"] == 0.6
+    assert (row["reach_none"], row["examples_none"]) == (2, 20)
+    assert (row["reach_pruned"], row["examples_pruned"]) == (6, 36)
+    assert row["examples_ratio"] == 20 / 36
+    assert row["pruned_best_in_budget"] == 0.5  # 36 examples <= the unpruned run's 40; the 0.6 comes after
+    assert row["examples_total"] == [40, 46] and row["pruned_trials"] == 3
+    never = bench.compare_pruned(base, _run([0.2, None], [10, 2]))
+    assert never["reach_pruned"] is None and never["examples_ratio"] is None
+
+
+def test_low_median_counts_not_reached_as_smallest(bench) -> None:
+    assert bench.low_median([2.0, None, 3.0]) == 2.0
+    assert bench.low_median([None, None, 3.0]) is None
+    assert bench.low_median([1.0, 3.0, None, 5.0]) == 2.0
+
+
 def test_parts_and_spaces_are_checked(bench) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--parts", "search,nope"])
