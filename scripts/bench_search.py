@@ -347,7 +347,7 @@ def compare_pruned(base: dict[str, Any], pruned: dict[str, Any]) -> dict[str, An
         "bar": bar, "final_pruned": best_so_far([t["value"] for t in pruned["trials"]])[-1],
         "trials_pruned": len(pruned["trials"]), "pruned_trials": sum(t["state"] == "PRUNED" for t in pruned["trials"]),
         "examples_total": [budget, sum(t["examples"] for t in pruned["trials"])],
-        "wall_total": [r["trials"][-1]["end"] - r["trials"][0]["start"] for r in (base, pruned)],
+        "worker_total": [sum(t["timings"].get("total_s", 0.0) for t in r["trials"]) for r in (base, pruned)],
     }
     spent, best_in_budget = 0, None
     for t in pruned["trials"]:
@@ -648,9 +648,12 @@ def report_pruning(data: dict[str, Any], plots: Path) -> list[str]:
              "examples scored (pruned trials included) and wall time from the first trial's start until the best "
              "so far first reaches the bar (`-`: not within the pruned run's trials); *best within the unpruned "
              "run's examples*: the pruned run's best before it has scored as many examples as the whole unpruned "
-             "run.", ""]
+             "run; *worker s*: the trials' merge + eval time, summed.", ""]
     rows = []
-    for pruner, rs in data.get("compare", {}).items():
+    runs = data["runs"]
+    compare = {pruner: [compare_pruned(base, pruned) for base, pruned in zip(runs["none"], rs)]
+               for pruner, rs in runs.items() if pruner != "none"}
+    for pruner, rs in compare.items():
         for i, r in enumerate(rs):
             ratio = "-" if r["examples_ratio"] is None else f"{r['examples_ratio']:.2f}x"
             wall = "-" if r["wall_ratio"] is None else f"{r['wall_ratio']:.2f}x"
@@ -660,7 +663,7 @@ def report_pruning(data: dict[str, Any], plots: Path) -> list[str]:
                          f"{r['examples_none']} / {r['examples_pruned'] or '-'}", ratio,
                          f"{r['wall_none']:.0f} / {_f(r['wall_pruned'], 0)}",
                          wall, f"{r['examples_total'][0]} / {r['examples_total'][1]}",
-                         f"{r['wall_total'][0]:.0f} / {r['wall_total'][1]:.0f}"])
+                         f"{r['worker_total'][0]:.0f} / {r['worker_total'][1]:.0f}"])
         med_ex, med_wall = low_median([r["examples_ratio"] for r in rs]), low_median([r["wall_ratio"] for r in rs])
         reached = sum(r["reach_pruned"] is not None for r in rs)
         rows.append([f"**{pruner}, median**", f"reached {reached}/{len(rs)}", _f(statistics.median(r["bar"] for r in rs)),
@@ -671,7 +674,7 @@ def report_pruning(data: dict[str, Any], plots: Path) -> list[str]:
     lines += [bu.markdown_table(["pruner", "seed", "bar (unpruned best)", "pruned: best within the unpruned run's examples",
                                  "pruned: final best", "pruned / all trials", "trials to bar none / pruned",
                                  "examples to bar none / pruned", "examples ratio", "wall s to bar none / pruned",
-                                 "wall ratio", "examples, whole runs", "wall s, whole runs"], rows,
+                                 "wall ratio", "examples, whole runs", "worker s, whole runs"], rows,
                                 "llrrrrrrrrrrr"), ""]
     plot_pruning(data, plots)
     return lines

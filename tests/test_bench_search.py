@@ -40,7 +40,7 @@ def test_censored_median_treats_not_reached_as_largest(bench) -> None:
 
 def _run(values, examples):
     trials = [{"value": v, "state": "PRUNED" if v is None else "COMPLETE", "examples": e, "start": float(i),
-               "end": float(i + 1)} for i, (v, e) in enumerate(zip(values, examples))]
+               "end": float(i + 1), "timings": {"total_s": e / 10}} for i, (v, e) in enumerate(zip(values, examples))]
     return {"trials": trials}
 
 
@@ -54,6 +54,7 @@ def test_pruning_is_compared_at_the_unpruned_runs_best(bench) -> None:
     assert row["examples_ratio"] == 20 / 36
     assert row["pruned_best_in_budget"] == 0.5  # 36 examples <= the unpruned run's 40; the 0.6 comes after
     assert row["examples_total"] == [40, 46] and row["pruned_trials"] == 3
+    assert row["worker_total"] == pytest.approx([4.0, 4.6])
     never = bench.compare_pruned(base, _run([0.2, None], [10, 2]))
     assert never["reach_pruned"] is None and never["examples_ratio"] is None
 
