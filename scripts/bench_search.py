@@ -16,8 +16,9 @@ Parts (``--parts``):
   must reach. Proxy: addition, format, order, perplexity, ``--limit`` examples per task, one
   round. Reports best proxy vs trials, held-out of each run's pick, trials to reach the bar.
 * ``pruning``: TPE on the Dirichlet space, ``--prune-limit`` examples per task in chunks of
-  ``--prune-chunk``, without a pruner and with each of ``--pruners``: examples scored and wall
-  time until each run first reaches the best both runs of a seed reach.
+  ``--prune-chunk``, without a pruner (``--trials``) and with each of ``--pruners`` (up to
+  ``--prune-trials``): examples scored and wall time until each run first reaches the unpruned
+  run's final best, and the pruned run's best within the unpruned run's examples.
 * ``overfit``: ``--overfit-trials`` random Dirichlet merges scored on the whole proxy split and
   the whole held-out split; the pick of a proxy of the first n examples per task against its
   held-out score, and re-scoring the proxy's top-k on half of held-out (judged on the other half).
@@ -27,8 +28,8 @@ Parts (``--parts``):
 
 Run (needs the demo zoo: ``mergesearch zoo``):
 
-    python scripts/bench_search.py --quick                        # pipeline check, ~1.5 minutes
-    python scripts/bench_search.py --output bench.md              # the figures (< 1 hour, 2 cores)
+    python scripts/bench_search.py --quick                        # pipeline check, ~2 minutes
+    python scripts/bench_search.py --output bench.md              # the figures (~50 min, 2 cores)
     python scripts/bench_search.py --parts search --spaces curves  # one part / one space
 """
 
