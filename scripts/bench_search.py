@@ -210,17 +210,25 @@ def _run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
 def run_studies(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run (or resume) each study of ``specs`` (``study_file`` keywords), ``--jobs`` side by side; results in order.
 
+    The processes are started once and serve every part (each costs an import of torch and
+    transformers).
+
     Each study is single-threaded (one torch thread, one worker), so on 2 cores two of them run
     without slowing each other much; every figure is a score, a count or a ratio within one study.
     """
+    global _POOL
     if args.jobs <= 1 or len(specs) <= 1:
         return [_run_spec(args, spec) for spec in specs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    if _POOL is None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_run_spec, args, spec) for spec in specs]
-        return [f.result() for f in futures]
+        _POOL = ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"))
+    futures = [_POOL.submit(_run_spec, args, spec) for spec in specs]
+    return [f.result() for f in futures]
+
+
+_POOL: Any = None
 
 
 def best_so_far(values: Sequence[float | None]) -> list[float]:
@@ -811,11 +819,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = {"search": part_search, "pruning": part_pruning, "overfit": part_overfit, "e2e": part_e2e}
-    for part in [] if args.report_only else args.parts:
-        start = time.perf_counter()
-        log(f"part {part}")
-        parts[part](args)
-        log(f"part {part} done in {time.perf_counter() - start:.0f}s")
+    try:
+        for part in [] if args.report_only else args.parts:
+            start = time.perf_counter()
+            log(f"part {part}")
+            parts[part](args)
+            log(f"part {part} done in {time.perf_counter() - start:.0f}s")
+    finally:
+        if _POOL is not None:
+            _POOL.shutdown(cancel_futures=True)
     text = report(args, argv)
     (args.out / "report.md").write_text(text)
     if args.output:
