@@ -210,11 +210,9 @@ def _run_spec(args: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:
 def run_studies(args: argparse.Namespace, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run (or resume) each study of ``specs`` (``study_file`` keywords), ``--jobs`` side by side; results in order.
 
-    The processes are started once and serve every part (each costs an import of torch and
-    transformers).
-
     Each study is single-threaded (one torch thread, one worker), so on 2 cores two of them run
     without slowing each other much; every figure is a score, a count or a ratio within one study.
+    The processes start once and serve every part (each imports torch and transformers).
     """
     global _POOL
     if args.jobs <= 1 or len(specs) <= 1:
@@ -338,9 +336,6 @@ def part_pruning(args: argparse.Namespace) -> dict[str, Any]:
                               for pruner, seed in keys])
     for (pruner, _seed), r in zip(keys, done):
         out["runs"].setdefault(pruner, []).append(r)
-    save(args, "pruning", out)
-    out["compare"] = {pruner: [compare_pruned(base, pruned) for base, pruned in zip(out["runs"]["none"], out["runs"][pruner])]
-                      for pruner in args.pruners}
     save(args, "pruning", out)
     return out
 
