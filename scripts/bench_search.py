@@ -246,9 +246,11 @@ def first_reach(values: Sequence[float | None], bar: float) -> int | None:
     return None
 
 
-def censored_median(values: Sequence[int | None]) -> float | None:
-    """Median where None means 'not reached' (larger than any number)."""
-    vals = sorted(values, key=lambda v: math.inf if v is None else v)
+def censored_median(values: Sequence[float | None], *, missing_is_largest: bool = True) -> float | None:
+    """Median where None means 'not reached': larger than any number (trials to a bar), or smaller
+    (a ratio that was never measured); None if the median itself was not reached."""
+    missing = math.inf if missing_is_largest else -math.inf
+    vals = sorted(values, key=lambda v: missing if v is None else v)
     if not vals:
         return None
     mid = len(vals) // 2
@@ -369,16 +371,6 @@ def compare_pruned(base: dict[str, Any], pruned: dict[str, Any]) -> dict[str, An
     row["examples_ratio"] = row["examples_none"] / max(row["examples_pruned"], 1) if reached else None
     row["wall_ratio"] = row["wall_none"] / max(row["wall_pruned"], 1e-9) if reached else None
     return row
-
-
-def low_median(values: Sequence[float | None]) -> float | None:
-    """Median where None (not reached) counts as the smallest; None if the median itself is not reached."""
-    ranked = sorted(values, key=lambda v: -math.inf if v is None else v)
-    mid = len(ranked) // 2
-    if len(ranked) % 2:
-        return ranked[mid]
-    lo, hi = ranked[mid - 1], ranked[mid]
-    return None if lo is None or hi is None else (lo + hi) / 2
 
 
 # --------------------------------------------------------------------------- part 3: overfit
@@ -557,6 +549,10 @@ def _spread(vals: Sequence[float | None], d: int = 3) -> str:
     return f"{statistics.median(v):.{d}f} [{min(v):.{d}f}, {max(v):.{d}f}]"
 
 
+def _times(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
 def _reach(v: float | None, limit: int) -> str:
     return f">{limit}" if v is None else f"{v:g}"
 
@@ -659,22 +655,20 @@ def report_pruning(data: dict[str, Any], plots: Path) -> list[str]:
                for pruner, rs in runs.items() if pruner != "none"}
     for pruner, rs in compare.items():
         for i, r in enumerate(rs):
-            ratio = "-" if r["examples_ratio"] is None else f"{r['examples_ratio']:.2f}x"
-            wall = "-" if r["wall_ratio"] is None else f"{r['wall_ratio']:.2f}x"
             rows.append([pruner, i, _f(r["bar"]), _f(r["pruned_best_in_budget"]), _f(r["final_pruned"]),
                          f"{r['pruned_trials']} / {r['trials_pruned']}",
                          f"{r['reach_none']} / {r['reach_pruned'] or '-'}",
-                         f"{r['examples_none']} / {r['examples_pruned'] or '-'}", ratio,
+                         f"{r['examples_none']} / {r['examples_pruned'] or '-'}", _times(r["examples_ratio"]),
                          f"{r['wall_none']:.0f} / {_f(r['wall_pruned'], 0)}",
-                         wall, f"{r['examples_total'][0]} / {r['examples_total'][1]}",
+                         _times(r["wall_ratio"]), f"{r['examples_total'][0]} / {r['examples_total'][1]}",
                          f"{r['worker_total'][0]:.0f} / {r['worker_total'][1]:.0f}"])
-        med_ex, med_wall = low_median([r["examples_ratio"] for r in rs]), low_median([r["wall_ratio"] for r in rs])
+        med_ex, med_wall = (censored_median([r[k] for r in rs], missing_is_largest=False)
+                            for k in ("examples_ratio", "wall_ratio"))
         reached = sum(r["reach_pruned"] is not None for r in rs)
         rows.append([f"**{pruner}, median**", f"reached {reached}/{len(rs)}", _f(statistics.median(r["bar"] for r in rs)),
                      _f(statistics.median(r["pruned_best_in_budget"] or 0.0 for r in rs)),
                      _f(statistics.median(r["final_pruned"] for r in rs)), "", "", "",
-                     "**-**" if med_ex is None else f"**{med_ex:.2f}x**", "",
-                     "**-**" if med_wall is None else f"**{med_wall:.2f}x**", "", ""])
+                     f"**{_times(med_ex)}**", "", f"**{_times(med_wall)}**", "", ""])
     lines += [bu.markdown_table(["pruner", "seed", "bar (unpruned best)", "pruned: best within the unpruned run's examples",
                                  "pruned: final best", "pruned / all trials", "trials to bar none / pruned",
                                  "examples to bar none / pruned", "examples ratio", "wall s to bar none / pruned",

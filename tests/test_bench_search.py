@@ -59,10 +59,11 @@ def test_pruning_is_compared_at_the_unpruned_runs_best(bench) -> None:
     assert never["reach_pruned"] is None and never["examples_ratio"] is None
 
 
-def test_low_median_counts_not_reached_as_smallest(bench) -> None:
-    assert bench.low_median([2.0, None, 3.0]) == 2.0
-    assert bench.low_median([None, None, 3.0]) is None
-    assert bench.low_median([1.0, 3.0, None, 5.0]) == 2.0
+def test_censored_median_can_count_not_reached_as_smallest(bench) -> None:
+    low = lambda vals: bench.censored_median(vals, missing_is_largest=False)  # noqa: E731
+    assert low([2.0, None, 3.0]) == 2.0
+    assert low([None, None, 3.0]) is None
+    assert low([1.0, 3.0, None, 5.0]) == 2.0
 
 
 def test_parts_and_spaces_are_checked(bench) -> None:

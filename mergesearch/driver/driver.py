@@ -218,17 +218,17 @@ class StudyOutcome:
 class _Reporter:
     """Where the driver says what happens (a rich display, or nothing in tests)."""
 
+    UPDATE_EVERY_S = 1.0
+
     def __init__(self, log: Optional[Callable[[str], None]] = None,
-                 update: Optional[Callable[[dict[str, int], Optional[dict[str, Any]], float], None]] = None,
-                 every: float = 1.0):
+                 update: Optional[Callable[[dict[str, int], Optional[dict[str, Any]], float], None]] = None):
         self.log = log or (lambda _m: None)
         self._update = update
-        self.every = every
         self._last = -math.inf
 
     def update(self, study: optuna.Study, weights: Mapping[str, float], elapsed: float, *, force: bool = False) -> None:
-        """Counts and best so far, at most every ``every`` seconds (each reads every trial), and only if asked for."""
-        if self._update is None or (not force and time.monotonic() - self._last < self.every):
+        """Counts and best so far, at most once per ``UPDATE_EVERY_S`` (each reads every trial), only if a display listens."""
+        if self._update is None or (not force and time.monotonic() - self._last < self.UPDATE_EVERY_S):
             return
         self._last = time.monotonic()
         self._update(_counts(study), _best(study, weights), elapsed)
